@@ -1,0 +1,112 @@
+"""Command line: parse, build the config, call one function. No logic lives here.
+
+Every config key gets an option (``batch_size`` -> ``--batch-size``, booleans as
+``--shuffle/--no-shuffle``), generated from ``Config`` so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .config import FIELDS, ConfigError, build_config, field_type
+from .data import DataError
+from .runs import RunDirError
+
+# Errors whose message is the whole story: shown as one line, no traceback.
+USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError)
+
+
+def _option_for(name: str):
+    meta = FIELDS[name].metadata
+    flag = "--" + name.replace("_", "-")
+    kind = field_type(name)
+    help_text = meta["help"]
+    if kind is bool:
+        return click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)
+    if "choices" in meta:
+        param_type: Any = click.Choice(meta["choices"])
+    else:
+        param_type = {int: click.INT, float: click.FLOAT, str: click.STRING, tuple: click.STRING}[kind]
+    return click.option(flag, name, type=param_type, default=None, help=help_text)
+
+
+def config_options(func):
+    """Add ``--config FILE`` and one override option per config key to a click command."""
+    for name in reversed(list(FIELDS)):
+        func = _option_for(name)(func)
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False),
+        help="YAML file of config keys (defaults < file < options).",
+    )(func)
+
+
+def _config(config_path: str | None, overrides: dict[str, Any]):
+    try:
+        return build_config(config_path, overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _run(fn, *args):
+    try:
+        return fn(*args)
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command("train")
+@config_options
+def train_command(config_path: str | None, **overrides: Any) -> None:
+    """Train the MLP and evaluate it after every epoch; write the run directory."""
+    cfg = _config(config_path, overrides)
+    from .train import run
+
+    _run(run, cfg)
+
+
+@click.command("eval")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="model.safetensors to evaluate.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write metrics (with confusion matrix) as JSON here.")
+@config_options
+def eval_command(weights: str, output: str | None, config_path: str | None, **overrides: Any) -> None:
+    """Evaluate saved weights on the test split, exactly, on any number of processes."""
+    cfg = _config(config_path, overrides)
+    from .evaluate import run_evaluation
+
+    _run(run_evaluation, cfg, weights, output)
+
+
+@click.group("data")
+def data_group() -> None:
+    """Fetch and verify datasets."""
+
+
+@data_group.command("download")
+@click.option("--dataset", type=click.Choice(FIELDS["dataset"].metadata["choices"]), default="mnist", show_default=True)
+@click.option("--data-dir", default=FIELDS["data_dir"].default, show_default=True, help="Where DATASET/raw/ goes.")
+@click.option("--replace-corrupt", is_flag=True, help="Replace files that fail verification (kept as *.corrupt).")
+def download_command(dataset: str, data_dir: str, replace_corrupt: bool) -> None:
+    """Fetch DATASET into DATA_DIR and verify every file (size and md5)."""
+    from .data import ensure_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    raw = _run(ensure_dataset, data_dir, dataset, replace_corrupt)
+    click.echo(f"{dataset}: all files verified in {raw}")
+
+
+@click.group()
+@click.version_option(package_name="mnist-dist")
+def main() -> None:
+    """mnist-dist: train and evaluate an MNIST MLP on 1..N processes with Accelerate."""
+
+
+main.add_command(train_command)
+main.add_command(eval_command)
+main.add_command(data_group)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Typed run configuration: defaults < YAML file < command-line overrides.
+
+Every field carries a one-line ``help`` (shown by ``--help`` and in the README), and
+optionally ``choices`` or a lower bound ``min``. Unknown keys and bad values raise
+``ConfigError`` naming the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line that names the key."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs. The defaults are the reference recipe."""
+
+    # Data and run directory
+    dataset: str = _opt("mnist", "Dataset to train on.", choices=("mnist", "fashion-mnist"))
+    data_dir: str = _opt("data", "Directory holding DATASET/raw/ (fetched there if missing).")
+    output_dir: str = _opt("runs/default", "Run directory: config, metrics, weights.")
+    # Model
+    hidden_sizes: tuple[int, ...] = _opt((256,), "Hidden layer widths, e.g. 256 or 512,256.", min=1)
+    # Schedule and batches
+    epochs: int = _opt(10, "Passes over the training set.", min=1)
+    max_steps: int | None = _opt(None, "Stop after this many optimizer steps (all epochs).", min=1)
+    batch_size: int = _opt(64, "Batch size; global or per device, see batch_mode.", min=1)
+    batch_mode: str = _opt(
+        "global",
+        "global: batch_size is split over processes (same maths on 1..N); "
+        "per_device: each process takes batch_size.",
+        choices=("global", "per_device"),
+    )
+    eval_batch_size: int = _opt(1000, "Evaluation batch size per process.", min=1)
+    shuffle: bool = _opt(False, "Reshuffle the training set every epoch (seeded).")
+    seed: int = _opt(0, "Seed for weights and shuffling; the same on every process.", min=0)
+    # Optimizer
+    lr: float = _opt(0.5, "SGD learning rate (for the global batch).", min_exclusive=0.0)
+    lr_scaling: str = _opt(
+        "none",
+        "linear: multiply lr by global batch / batch_size (per_device mode on N processes).",
+        choices=("none", "linear"),
+    )
+    momentum: float = _opt(0.0, "SGD momentum.", min=0.0)
+    nesterov: bool = _opt(False, "Nesterov momentum (needs momentum > 0).")
+    weight_decay: float = _opt(0.0, "L2 weight decay.", min=0.0)
+    # Execution
+    cpu: bool = _opt(False, "Train on CPU even if a GPU is present (needed for CPU processes).")
+    log_every: int = _opt(100, "Log training loss every N optimizer steps.", min=1)
+    collective_timeout: int = _opt(
+        300, "Seconds a process waits for the others in a collective before the job fails.", min=1
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict of every key (tuples become lists)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def field_type(name: str) -> Any:
+    """The base type of a field: int, float, str, bool or tuple (Optional unwrapped)."""
+    hint = _HINTS[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def is_optional(name: str) -> bool:
+    return type(None) in typing.get_args(_HINTS[name])
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(FIELDS)}"
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check one value against its field's type and bounds; return the normalised value."""
+    if value is None:
+        if is_optional(name):
+            return None
+        raise ConfigError(f"config key '{name}' must not be empty (null)")
+    kind = field_type(name)
+    meta = FIELDS[name].metadata
+    if kind is tuple:
+        if isinstance(value, str):
+            try:
+                value = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError(f"config key '{name}' must be integers like 256 or 512,256, got {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"config key '{name}' must be a non-empty list of integers, got {value!r}")
+        items = tuple(value)
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{name}' must be true or false, got {value!r}")
+        return value
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{name}' must be an integer, got {value!r}")
+        items = (value,)
+    elif kind is float:
+        # PyYAML reads 1e-3 (no dot) as a string: accept numeric strings for float keys.
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{name}' must be a number, got {value!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"config key '{name}' must be a finite number, got {value!r}")
+        items = (value,)
+    else:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{name}' must be a string, got {value!r}")
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"config key '{name}' must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    for v in items:
+        if "min" in meta and v < meta["min"]:
+            raise ConfigError(f"config key '{name}' must be >= {meta['min']}, got {v!r}")
+        if "min_exclusive" in meta and not v > meta["min_exclusive"]:
+            raise ConfigError(f"config key '{name}' must be > {meta['min_exclusive']}, got {v!r}")
+    return items if kind is tuple else items[0]
+
+
+def _check_consistency(cfg: Config) -> None:
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise ConfigError("config key 'nesterov' needs 'momentum' > 0 (SGD's rule); set momentum: 0.9")
+
+
+def build_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Merge defaults < YAML file at ``path`` < ``overrides`` into a validated ``Config``.
+
+    ``overrides`` with value ``None`` mean "not given" and are ignored.
+    """
+    merged: dict[str, Any] = {}
+    if path is not None:
+        merged.update(_read_yaml(Path(path)))
+    for key, value in (overrides or {}).items():
+        if key not in FIELDS:
+            raise _unknown_key_error(key, " (command line)")
+        if value is not None:
+            merged[key] = value
+    values = {k: _coerce(k, v) for k, v in merged.items()}
+    cfg = Config(**values)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (pass an existing YAML file to --config)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    for key in data:
+        if key not in FIELDS:
+            raise _unknown_key_error(str(key), f" in {path}")
+    return data
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the merged config as YAML (loadable again with ``--config``)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def per_process_batch_size(cfg: Config, world_size: int) -> int:
+    """Batch size each process takes: ``batch_size / world_size`` in global mode.
+
+    Raises ``ConfigError`` when a global batch does not split evenly, since unequal
+    shards would weight samples differently than on one process.
+    """
+    if cfg.batch_mode == "per_device":
+        return cfg.batch_size
+    if cfg.batch_size % world_size:
+        raise ConfigError(
+            f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the number of "
+            f"processes ({world_size}) in batch_mode 'global'; use a multiple of {world_size} "
+            "or batch_mode: per_device"
+        )
+    return cfg.batch_size // world_size
+
+
+def global_batch_size(cfg: Config, world_size: int) -> int:
+    """Samples per optimizer step over all processes."""
+    return cfg.batch_size * world_size if cfg.batch_mode == "per_device" else cfg.batch_size
+
+
+def effective_lr(cfg: Config, world_size: int) -> float:
+    """Learning rate after the linear scaling rule (lr x global batch / batch_size) if chosen."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * global_batch_size(cfg, world_size) / cfg.batch_size
+    return cfg.lr

@@ -1,0 +1,64 @@
+"""DistributedSampler-backed data loaders over in-memory uint8 tensors.
+
+These loaders are already sharded (each process reads its own ``DistributedSampler``
+shard), so they must NOT go through ``accelerator.prepare``: Accelerate would shard them
+a second time and silently drop data. Each batch is gathered with one indexing
+operation (``__getitems__``), not sample by sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8, labels, dataset indices
+
+
+class TensorImages(Dataset):
+    """Images (uint8) and labels held in memory, on any device."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        idx = torch.tensor(indices, dtype=torch.long)
+        idx_here = idx.to(self.images.device, non_blocking=True)
+        return self.images[idx_here], self.labels[idx_here], idx
+
+
+def _whole_batch(batch: Batch) -> Batch:
+    return batch
+
+
+def make_loader(
+    dataset: TensorImages,
+    batch_size: int,
+    *,
+    num_replicas: int,
+    rank: int,
+    shuffle: bool,
+    seed: int,
+) -> DataLoader:
+    """One process's loader: its ``DistributedSampler`` shard in batches of ``batch_size``.
+
+    Call ``loader.sampler.set_epoch(epoch)`` before every epoch (the shuffle depends on it).
+    When ``num_replicas`` does not divide the dataset, the sampler pads with repeated
+    samples so every rank has as many; ``evaluate`` removes that padding.
+    """
+    sampler = DistributedSampler(
+        dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+    )
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_whole_batch)
+
+
+def to_inputs(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] on ``device`` (converted after the copy: 4x less traffic)."""
+    return images.to(device, non_blocking=True).float().div_(255.0)

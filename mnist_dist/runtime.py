@@ -1,0 +1,51 @@
+"""Run-time set-up shared by training and evaluation: the Accelerator, logging, data on device."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+
+from .config import Config
+from .data import ensure_dataset, load_split
+from .loaders import TensorImages
+
+
+def world_size_from_env() -> int:
+    """World size set by the launcher (torchrun/accelerate), known before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_logging(is_main: bool) -> None:
+    """Log INFO on the main process only, so N processes print one log."""
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
+                        level=logging.INFO if is_main else logging.WARNING)
+
+
+def build_accelerator(cfg: Config):
+    """The one Accelerator of a run. Without CUDA it uses CPU processes (gloo)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
+    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+def load_datasets(cfg: Config, accelerator, splits=("train", "test")) -> list[TensorImages | None]:
+    """Fetch the dataset once per node (local main process first); load ``splits`` onto the device.
+
+    Returns ``[train, test]``, with ``None`` for a split not asked for.
+    """
+    with accelerator.local_main_process_first():
+        raw = ensure_dataset(cfg.data_dir, cfg.dataset)
+    out = []
+    for split in ("train", "test"):
+        if split in splits:
+            images, labels = load_split(raw, cfg.dataset, split)
+            # Data lives on the training device: batches are gathered there, no host copies.
+            out.append(TensorImages(images.to(accelerator.device), labels.to(accelerator.device)))
+        else:
+            out.append(None)
+    return out
