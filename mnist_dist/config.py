@@ -88,8 +88,17 @@ def is_optional(name: str) -> bool:
     return type(None) in typing.get_args(_HINTS[name])
 
 
+# Names other libraries use for our keys, so the suggestion is right even when spelling is far off.
+_SYNONYMS = {
+    "learning_rate": "lr", "num_epochs": "epochs", "hidden_size": "hidden_sizes", "hidden": "hidden_sizes",
+    "train_batch_size": "batch_size", "per_device_train_batch_size": "batch_size", "bs": "batch_size",
+    "output": "output_dir", "out_dir": "output_dir", "data_root": "data_dir", "steps": "max_steps",
+    "lerning_rate": "lr", "learningrate": "lr",
+}
+
+
 def _unknown_key_error(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
+    close = [_SYNONYMS[key]] if key in _SYNONYMS else difflib.get_close_matches(key, FIELDS, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(FIELDS)}"
     return ConfigError(f"unknown config key '{key}'{where}{hint}")
 
@@ -228,3 +237,18 @@ def effective_lr(cfg: Config, world_size: int) -> float:
     if cfg.lr_scaling == "linear":
         return cfg.lr * global_batch_size(cfg, world_size) / cfg.batch_size
     return cfg.lr
+
+
+def markdown_reference() -> str:
+    """The README's table of config keys, generated from the fields (a test keeps them in sync)."""
+    rows = ["| key | option | default | meaning |", "|---|---|---|---|"]
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if field_type(name) is bool:
+            flag = f"{flag}/--no-{name.replace('_', '-')}"
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        meaning = f.metadata["help"]
+        if "choices" in f.metadata:
+            meaning += f" One of: {', '.join(f.metadata['choices'])}."
+        rows.append(f"| `{name}` | `{flag}` | `{default}` | {meaning} |")
+    return "\n".join(rows)

@@ -45,12 +45,17 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, world_size: int) -> tor
     )
 
 
-def train_one_epoch(model, optimizer, loader, accelerator, cfg: Config, progress: Progress) -> bool:
-    """Run one epoch (or up to ``max_steps``); return True if ``max_steps`` was reached."""
+def train_one_epoch(model, optimizer, loader, accelerator, cfg: Config, progress: Progress) -> tuple[bool, float]:
+    """Run one epoch (or up to ``max_steps``).
+
+    Returns whether ``max_steps`` was reached, and the epoch's mean training loss over all ranks.
+    """
     model.train()
     device = accelerator.device
     loader.sampler.set_epoch(progress.epoch)
-    running, count = torch.zeros((), device=device), 0
+    interval_loss, epoch_loss = torch.zeros((), device=device), torch.zeros((), device=device)
+    interval_steps = epoch_steps = 0
+    reached_max = False
     start = time.perf_counter()
     for images, labels, _ in loader:
         loss = F.cross_entropy(model(to_inputs(images, device)), labels)
@@ -58,19 +63,24 @@ def train_one_epoch(model, optimizer, loader, accelerator, cfg: Config, progress
         accelerator.backward(loss)
         optimizer.step()
         progress.step += 1
-        running += loss.detach()
-        count += 1
+        # Accumulate on the device: no host synchronisation until a log interval.
+        interval_loss += loss.detach()
+        interval_steps += 1
         if progress.step % cfg.log_every == 0:
-            # The only host sync in the loop: mean loss over the interval and all ranks.
-            mean = accelerator.reduce(running / count, reduction="mean").item()
-            log.info("epoch %d step %d loss %.4f", progress.epoch + 1, progress.step, mean)
-            running.zero_()
-            count = 0
+            mean = accelerator.reduce(interval_loss / interval_steps, reduction="mean").item()
+            log.debug("epoch %d step %d loss %.4f", progress.epoch + 1, progress.step, mean)
+            epoch_loss += interval_loss
+            epoch_steps += interval_steps
+            interval_loss.zero_()
+            interval_steps = 0
         if cfg.max_steps is not None and progress.step >= cfg.max_steps:
-            progress.train_seconds += time.perf_counter() - start
-            return True
+            reached_max = True
+            break
     progress.train_seconds += time.perf_counter() - start
-    return False
+    epoch_loss += interval_loss
+    epoch_steps += interval_steps
+    mean_loss = accelerator.reduce(epoch_loss / max(epoch_steps, 1), reduction="mean").item()
+    return reached_max, mean_loss
 
 
 def train(cfg: Config, accelerator) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
@@ -98,11 +108,12 @@ def train(cfg: Config, accelerator) -> tuple[torch.nn.Module, dict[str, Any], Ev
     progress = Progress()
     result = None
     while progress.epoch < cfg.epochs:
-        done = train_one_epoch(model, optimizer, train_loader, accelerator, cfg, progress)
+        done, train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, cfg, progress)
         progress.epoch += 1
         result = evaluate(model, test_loader, accelerator)
-        log.info("epoch %d: test accuracy %.2f%%, test loss %.4f", progress.epoch,
-                 100 * result.accuracy, result.loss)
+        log.info("epoch %d/%d: train loss %.4f, test accuracy %.2f%%, test loss %.4f (step %d, %.1f s training)",
+                 progress.epoch, cfg.epochs, train_loss, 100 * result.accuracy, result.loss,
+                 progress.step, progress.train_seconds)
         if done:
             break
 

@@ -1,0 +1,149 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnist_dist.config import (
+    FIELDS, Config, ConfigError, build_config, effective_lr, global_batch_size,
+    per_process_batch_size, save_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = build_config()
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.shuffle, cfg.hidden_sizes) == (64, 0.5, 10, False, (256,))
+    assert (cfg.momentum, cfg.nesterov, cfg.weight_decay) == (0.0, False, 0.0)
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.1\nepochs: 3\nhidden_sizes: [128, 64]\n")
+    cfg = build_config(path, {"epochs": 5, "seed": None})
+    assert (cfg.lr, cfg.epochs, cfg.seed, cfg.hidden_sizes) == (0.1, 5, 0, (128, 64))
+
+
+def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_sise: 32\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'batch_sise'.*did you mean 'batch_size'"):
+        build_config(path)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lr", 0, "'lr' must be > 0"),
+        ("lr", -1.0, "'lr' must be > 0"),
+        ("lr", "fast", "'lr' must be a number"),
+        ("lr", float("nan"), "'lr' must be a finite number"),
+        ("epochs", 0, "'epochs' must be >= 1"),
+        ("epochs", 2.5, "'epochs' must be an integer"),
+        ("batch_size", True, "'batch_size' must be an integer"),
+        ("hidden_sizes", [256, 0], "'hidden_sizes' must be >= 1"),
+        ("hidden_sizes", "a,b", "'hidden_sizes' must be integers"),
+        ("shuffle", "yes", "'shuffle' must be true or false"),
+        ("batch_mode", "local", "'batch_mode' must be one of global, per_device"),
+        ("epochs", None, "'epochs' must not be empty"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, key, value, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({key: value}))
+    with pytest.raises(ConfigError, match=message):
+        build_config(path)
+
+
+def test_yaml_float_without_dot_is_accepted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\n")  # PyYAML reads this as a string
+    assert build_config(path).lr == 1e-3
+
+
+def test_cli_style_values_are_parsed():
+    cfg = build_config(None, {"hidden_sizes": "512,256", "max_steps": 7})
+    assert cfg.hidden_sizes == (512, 256) and cfg.max_steps == 7
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [0.1\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        build_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        build_config(listy)
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ConfigError, match="'nesterov' needs 'momentum' > 0"):
+        build_config(None, {"nesterov": True})
+    assert build_config(None, {"nesterov": True, "momentum": 0.9}).nesterov
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        build_config(None, {"learning_rate": 0.1})
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = build_config(None, {"hidden_sizes": "64,32", "shuffle": True, "max_steps": 3})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert build_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "mode, batch, world, per_process, global_batch",
+    [("global", 64, 1, 64, 64), ("global", 64, 2, 32, 64), ("global", 63, 3, 21, 63),
+     ("per_device", 64, 4, 64, 256)],
+)
+def test_batch_arithmetic(mode, batch, world, per_process, global_batch):
+    cfg = Config(batch_size=batch, batch_mode=mode)
+    assert per_process_batch_size(cfg, world) == per_process
+    assert global_batch_size(cfg, world) == global_batch
+
+
+def test_global_batch_must_divide_world_size():
+    with pytest.raises(ConfigError, match=r"'batch_size' \(64\) must be divisible by the number of processes \(3\)"):
+        per_process_batch_size(Config(batch_size=64), 3)
+
+
+def test_linear_lr_scaling():
+    assert effective_lr(Config(lr=0.1, batch_mode="per_device", lr_scaling="linear"), 4) == pytest.approx(0.4)
+    assert effective_lr(Config(lr=0.1, batch_mode="global", lr_scaling="linear"), 4) == pytest.approx(0.1)
+    assert effective_lr(Config(lr=0.1, batch_mode="per_device"), 4) == pytest.approx(0.1)
+
+
+def test_every_field_has_help():
+    assert all(f.metadata.get("help") for f in FIELDS.values())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_load(path):
+    build_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(path)
+    assert cfg.num_processes >= 1 and cfg.mixed_precision == "no"
+    assert str(cfg.distributed_type) in {"NO", "MULTI_GPU", "DistributedType.NO", "DistributedType.MULTI_GPU"}
+
+
+def test_reference_recipe_values():
+    cfg = build_config(REPO / "configs/train/reference.yaml")
+    assert cfg == Config()
+
+
+def test_readme_config_reference_is_current():
+    from mnist_dist.config import markdown_reference
+
+    text = (REPO / "README.md").read_text()
+    table = text.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
+    assert table == markdown_reference(), "regenerate the README table with mnist_dist.config.markdown_reference()"

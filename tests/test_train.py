@@ -1,0 +1,89 @@
+import pytest
+import torch
+import yaml
+
+from mnist_dist.runs import load_weights
+
+from conftest import read_metrics, run_cli
+
+FAST = ["--config", "configs/train/reference.yaml", "--cpu"]
+
+
+def _train(tmp_path, name, data_dir, *extra, processes=1):
+    out = tmp_path / name
+    proc = run_cli(["mnist_dist.train", *FAST, "--data-dir", str(data_dir), "--output-dir", str(out), *extra],
+                   processes=processes)
+    return out, proc
+
+
+def test_short_run_writes_the_run_directory(tmp_path, data_dir):
+    out, proc = _train(tmp_path, "one", data_dir, "--max-steps", "50", "--hidden-sizes", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(out / "metrics.json")
+    for key in ("test_accuracy", "test_correct", "test_total", "test_loss", "world_size",
+                "train_seconds", "epochs", "steps"):
+        assert key in metrics
+    assert (metrics["steps"], metrics["epochs"], metrics["world_size"], metrics["test_total"]) == (50, 1, 1, 10000)
+    assert metrics["test_accuracy"] > 0.7
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_steps"] == 50 and saved["hidden_sizes"] == [64] and saved["lr"] == 0.5
+    weights = load_weights(out / "model.safetensors")
+    assert weights["layers.0.weight"].shape == (64, 784)
+    assert "test accuracy:" in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_two_processes_follow_the_mathematics_of_one(tmp_path, data_dir):
+    """Reference recipe, 100 steps: 1 process (batch 64) == 2 processes (32 each), within 1e-5."""
+    one, p1 = _train(tmp_path, "one", data_dir, "--max-steps", "100")
+    two, p2 = _train(tmp_path, "two", data_dir, "--max-steps", "100", processes=2)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    w1, w2 = load_weights(one / "model.safetensors"), load_weights(two / "model.safetensors")
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert diff < 1e-5
+    m1, m2 = read_metrics(one / "metrics.json"), read_metrics(two / "metrics.json")
+    assert (m2["world_size"], m2["per_process_batch_size"], m2["global_batch_size"]) == (2, 32, 64)
+    assert abs(m1["test_correct"] - m2["test_correct"]) <= 2
+    # Reinitialising with a different seed really changes the weights: the check can fail.
+    assert max((w1[k] - load_weights(one / "model.safetensors")[k]).abs().max().item() for k in w1) == 0
+
+
+@pytest.mark.multiprocess
+def test_shuffled_per_device_mode_runs_on_two_processes(tmp_path, data_dir):
+    out, proc = _train(tmp_path, "pd", data_dir, "--max-steps", "30", "--shuffle", "--batch-mode", "per_device",
+                       "--batch-size", "32", "--lr-scaling", "linear", processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(out / "metrics.json")
+    assert (m["global_batch_size"], m["per_process_batch_size"], m["lr"]) == (64, 32, 1.0)
+
+
+@pytest.mark.multiprocess
+def test_indivisible_global_batch_fails_before_training(tmp_path, data_dir):
+    out, proc = _train(tmp_path, "bad", data_dir, "--max-steps", "5", processes=3)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("Error:")]
+    assert errors and all("'batch_size' (64) must be divisible by the number of processes (3)" in l for l in errors)
+    # The launcher prints its own summary; our processes print the one line and no traceback.
+    assert 'File "/' not in "".join(l for l in proc.stderr.splitlines(True) if "mnist_dist" in l)
+    assert not (out / "model.safetensors").exists() and not (out / "config.yaml").exists()
+
+
+def test_config_typo_is_one_line_naming_the_key(tmp_path, data_dir):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    proc = run_cli(["mnist_dist.train", "--config", str(bad), "--output-dir", str(tmp_path / "o")])
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: unknown config key 'learning_rate' in {bad}; did you mean 'lr'?"
+    ]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, data_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_cli(["mnist_dist.train", "--cpu", "--data-dir", str(data_dir), "--output-dir", str(blocker / "run")])
+    assert proc.returncode != 0
+    assert "is not writable" in proc.stderr and "--output-dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
