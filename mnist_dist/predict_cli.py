@@ -1,0 +1,100 @@
+"""``mnist-dist predict`` and ``mnist-dist export``: parse, call the library, print.
+
+Results go to stdout (a table, or one JSON object per line with ``--json``); a file that
+cannot be recognised gets one line on stderr, ``FILE: what is wrong``, and makes the exit
+status 1 once every other file has been processed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .recognize import FileResult, Recognizer
+
+EXIT_SOME_FAILED = 1
+
+
+def json_line(result: FileResult, top_k: int | None) -> str:
+    """One recognised file as a JSON object: file, digit, confidence, probabilities (index = digit)."""
+    p = result.prediction
+    obj = {
+        "file": result.file,
+        "digit": p.digit,
+        "confidence": round(p.confidence, 6),
+        "probabilities": [round(x, 6) for x in p.probabilities],
+    }
+    if top_k:
+        obj["top_k"] = [{"digit": d, "probability": round(x, 6)} for d, x in p.top(top_k)]
+    return json.dumps(obj)
+
+
+def table(results: list[FileResult], top_k: int | None) -> str:
+    """The recognised files as an aligned table: file, digit, confidence, and the top k if asked."""
+    good = [r for r in results if r.ok]
+    width = max([len("file")] + [len(r.file) for r in good])
+    header = f"{'file':<{width}}  digit  confidence" + (f"  top {top_k}" if top_k else "")
+    lines = [header]
+    for r in good:
+        p = r.prediction
+        line = f"{r.file:<{width}}  {p.digit:>5}  {p.confidence:>10.1%}"
+        if top_k:
+            line += "  " + "  ".join(f"{d}: {x:.1%}" for d, x in p.top(top_k))
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def report(results: list[FileResult], as_json: bool, top_k: int | None) -> int:
+    """Print results to stdout and one ``FILE: reason`` line per failure to stderr; return the failures."""
+    if as_json:
+        for r in results:
+            if r.ok:
+                click.echo(json_line(r, top_k))
+    elif any(r.ok for r in results):
+        click.echo(table(results, top_k))
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        click.echo(str(r.error), err=True)
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} files could not be recognised", err=True)
+    return len(failed)
+
+
+@click.command("predict")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="model.safetensors of a run.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
+@click.option("--top-k", type=click.IntRange(1, 10), default=None, help="Also show the K most probable digits.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+def predict_command(weights: str, as_json: bool, top_k: int | None, inputs: tuple[str, ...]) -> None:
+    """Recognise the digit in each image file (PNG, JPEG, ...); directories are searched."""
+    try:
+        recognizer = Recognizer.load(weights)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    failed = report(recognizer.predict_files(inputs), as_json, top_k)
+    if failed:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@click.command("export")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="model.safetensors of a run.")
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True, help="File format.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Where to write it [default: beside the weights].")
+def export_command(weights: str, fmt: str, output: str | None) -> None:
+    """Write the model as TorchScript or ONNX, checked to give the same logits as PyTorch."""
+    from .export import ExportError, export_model, verify_export
+    from .runs import RunDirError
+
+    try:
+        path = export_model(weights, fmt, output)
+        gap = verify_export(path, weights)
+    except (ExportError, FileNotFoundError, ValueError, RunDirError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {path} ({fmt}); input images (N, 28, 28) in [0, 1], output logits (N, 10); "
+               f"largest logit difference from PyTorch: {gap:.2g}")
+
+
+if __name__ == "__main__":
+    click.Group(commands=[predict_command, export_command])()
