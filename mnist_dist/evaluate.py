@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .loaders import to_inputs
+from .loaders import shard_sampler, to_inputs
 from .model import NUM_CLASSES
 
 
@@ -25,6 +25,7 @@ class EvalResult:
     total: int
     loss: float  # mean cross-entropy over the ``total`` images
     confusion: torch.Tensor  # (10, 10) int64, rows = true label, columns = prediction
+    predictions: torch.Tensor | None = None  # (total,) predicted class of each image, dataset order
 
     @property
     def accuracy(self) -> float:
@@ -64,7 +65,7 @@ def evaluate(model: torch.nn.Module, loader, accelerator) -> EvalResult:
         indices.append(idx.to(device))
     model.train(was_training)
 
-    sampler = loader.sampler
+    sampler = shard_sampler(loader)
     n_local = sum(len(i) for i in indices)
     # Position j of this rank's shard is position j * world + rank of the padded list;
     # positions past the dataset's end are the sampler's padding.
@@ -84,6 +85,7 @@ def evaluate(model: torch.nn.Module, loader, accelerator) -> EvalResult:
         total=total,
         loss=float(loss.double().mean()),
         confusion=confusion.reshape(NUM_CLASSES, NUM_CLASSES).cpu(),
+        predictions=pred,
     )
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mnist_dist.loaders import TensorImages, make_loader, to_inputs
+from mnist_dist.loaders import ShardBatches, TensorImages, make_loader, shard_sampler, to_inputs
 
 
 def _dataset(n: int) -> TensorImages:
@@ -15,7 +15,7 @@ def _epoch(n, batch, world, shuffle, epoch=0, seed=0):
     out = []
     for rank in range(world):
         loader = make_loader(ds, batch, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-        loader.sampler.set_epoch(epoch)
+        shard_sampler(loader).set_epoch(epoch)
         out.append([idx.tolist() for _, _, idx in loader])
     return out
 
@@ -62,3 +62,13 @@ def test_to_inputs_scales_to_unit_interval():
     x = to_inputs(torch.tensor([[0, 255, 51]], dtype=torch.uint8), torch.device("cpu"))
     assert x.dtype == torch.float32
     torch.testing.assert_close(x, torch.tensor([[0.0, 1.0, 0.2]]))
+
+
+def test_shard_batches_equal_torch_batch_sampler():
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    sampler = DistributedSampler(range(103), num_replicas=3, rank=1, shuffle=True, seed=4)
+    sampler.set_epoch(2)
+    expected = [b for b in BatchSampler(sampler, 8, drop_last=False)]
+    got = [b.tolist() for b in ShardBatches(sampler, 8)]
+    assert got == expected and len(ShardBatches(sampler, 8)) == len(expected)
