@@ -16,8 +16,10 @@ from .config import FIELDS, ConfigError, build_config, field_type
 from .data import DataError
 from .runs import RunDirError
 
+from .train import NonFiniteError
+
 # Errors whose message is the whole story: shown as one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError)
 
 
 def _option_for(name: str):
@@ -107,6 +109,15 @@ def main() -> None:
 main.add_command(train_command)
 main.add_command(eval_command)
 main.add_command(data_group)
+
+from .report import report_command  # noqa: E402  (its own module; registered like the others)
+
+main.add_command(report_command)
+
+from .predict_cli import export_command, predict_command  # noqa: E402
+
+main.add_command(predict_command)
+main.add_command(export_command)
 
 if __name__ == "__main__":
     sys.exit(main())

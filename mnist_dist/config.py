@@ -58,12 +58,28 @@ class Config:
     momentum: float = _opt(0.0, "SGD momentum.", min=0.0)
     nesterov: bool = _opt(False, "Nesterov momentum (needs momentum > 0).")
     weight_decay: float = _opt(0.0, "L2 weight decay.", min=0.0)
+    grad_clip: float | None = _opt(None, "Clip the global gradient norm to this value.", min_exclusive=0.0)
+    check_finite: bool = _opt(
+        True, "Stop before any optimizer step whose gradients are not finite (one host sync per step)."
+    )
     # Execution
     cpu: bool = _opt(False, "Train on CPU even if a GPU is present (needed for CPU processes).")
     log_every: int = _opt(100, "Log training loss every N optimizer steps.", min=1)
     collective_timeout: int = _opt(
         300, "Seconds a process waits for the others in a collective before the job fails.", min=1
     )
+    # Tracking
+    tracker: str = _opt(
+        "wandb", "Experiment tracker; without credentials wandb logs offline.", choices=("wandb", "none")
+    )
+    wandb_project: str = _opt("mnist-dist", "Weights & Biases project.")
+    wandb_entity: str | None = _opt(None, "Weights & Biases entity (user or team); None: your default.")
+    wandb_run_name: str | None = _opt(None, "Weights & Biases run name; None: a generated one.")
+    wandb_tags: tuple[str, ...] = _opt((), "Weights & Biases tags, e.g. baseline,sgd.")
+    wandb_group: str | None = _opt(
+        None, "Weights & Biases group; None: slurm-$SLURM_JOB_ID, else the run directory's name."
+    )
+    wandb_dir: str | None = _opt(None, "Directory for wandb's files (DIR/wandb/); None: the run directory.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict of every key (tuples become lists)."""
@@ -111,6 +127,13 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"config key '{name}' must not be empty (null)")
     kind = field_type(name)
     meta = FIELDS[name].metadata
+    if kind is tuple and typing.get_args(_HINTS[name])[0] is str:
+        # Words (tags): "a,b" on the command line, a YAML list or one string in a file; may be empty.
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"config key '{name}' must be a list of strings like a,b, got {value!r}")
+        return tuple(v.strip() for v in value)
     if kind is tuple:
         if isinstance(value, str):
             try:
@@ -246,7 +269,7 @@ def markdown_reference() -> str:
         flag = "--" + name.replace("_", "-")
         if field_type(name) is bool:
             flag = f"{flag}/--no-{name.replace('_', '-')}"
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        default = (",".join(map(str, f.default)) or "[]") if isinstance(f.default, tuple) else f.default
         meaning = f.metadata["help"]
         if "choices" in f.metadata:
             meaning += f" One of: {', '.join(f.metadata['choices'])}."

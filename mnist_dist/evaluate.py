@@ -114,6 +114,8 @@ def run_evaluation(cfg, weights: str, output: str | None = None) -> dict[str, An
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(output), metrics)
     accelerator.print(f"test accuracy: {100 * result.accuracy:.2f}% ({result.correct}/{result.total})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the process group: no rank exits with a collective in flight
     return metrics
 
 

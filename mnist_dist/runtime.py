@@ -24,13 +24,16 @@ def setup_logging(is_main: bool) -> None:
                         level=logging.INFO if is_main else logging.WARNING)
 
 
-def build_accelerator(cfg: Config):
-    """The one Accelerator of a run. Without CUDA it uses CPU processes (gloo)."""
+def build_accelerator(cfg: Config, log_with: str | None = None):
+    """The one Accelerator of a run. Without CUDA it uses CPU processes (gloo).
+
+    ``log_with`` names Accelerate's tracker ("wandb") or is None: none is imported then.
+    """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
-    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), kwargs_handlers=[timeout])
+    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), kwargs_handlers=[timeout], log_with=log_with)
 
 
 def load_datasets(cfg: Config, accelerator, splits=("train", "test")) -> list[TensorImages | None]:

@@ -69,6 +69,31 @@ def optimizer_calls(optimizer, accelerator):
     return (lambda: inner.zero_grad(set_to_none=True)), inner.step
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged: the gradients of a step are NaN or infinite."""
+
+
+def check_gradients(model: torch.nn.Module, cfg: Config, progress: Progress) -> None:
+    """Clip the gradients if asked; refuse non-finite ones before the optimizer step.
+
+    The gradients are already averaged over ranks (DDP's all-reduce), and one rank's NaN
+    makes the average NaN everywhere: every rank reaches the same verdict at the same
+    step, with no extra collective.
+    """
+    if not (cfg.check_finite or cfg.grad_clip):
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if cfg.check_finite and not bool(torch.isfinite(norm)):
+        raise NonFiniteError(
+            f"the loss is not finite at step {progress.step + 1} (epoch {progress.epoch + 1}): gradient norm "
+            f"{float(norm)}; training stopped before that step changed the weights. Lower the learning "
+            f"rate (lr is {cfg.lr}) or clip gradients, e.g. --grad-clip 1.0"
+        )
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm, foreach=True)
+
+
 def train_one_epoch(model, optimizer, loader, accelerator, cfg: Config, progress: Progress,
                     display: ProgressDisplay, tracker: Tracker) -> tuple[bool, float]:
     """Run one epoch (or up to ``max_steps``).
@@ -87,6 +112,7 @@ def train_one_epoch(model, optimizer, loader, accelerator, cfg: Config, progress
         loss = F.cross_entropy(model(to_inputs(images, device)), labels)
         zero_grad()
         accelerator.backward(loss)
+        check_gradients(model, cfg, progress)
         step()
         progress.step += 1
         display.advance()
@@ -142,7 +168,8 @@ def train(cfg: Config, accelerator, tracker: Tracker) -> tuple[torch.nn.Module, 
         left = len(train_loader) if cfg.max_steps is None else cfg.max_steps - progress.step
         display.start_epoch(progress.epoch + 1, cfg.epochs, min(len(train_loader), left))
         epoch_start = time.perf_counter()
-        done, train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, cfg, progress, display, tracker)
+        done, train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, cfg, progress,
+                                           display, tracker)
         display.end_epoch()
         progress.epoch += 1
         result = evaluate(model, test_loader, accelerator)

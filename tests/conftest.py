@@ -13,6 +13,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def wandb_offline():
+    """Test runs never reach wandb's servers: offline, with wandb's files in each run directory.
+
+    A test that needs another mode sets it with ``monkeypatch`` or ``run_cli(env=...)``.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.delenv("WANDB_DIR", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Directory holding MNIST/raw/ with the four verified IDX files (fetched if missing)."""

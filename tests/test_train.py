@@ -87,3 +87,63 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, data_dir):
     assert proc.returncode != 0
     assert "is not writable" in proc.stderr and "--output-dir" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_check_gradients_clips_and_refuses_nan():
+    from mnist_dist.config import Config
+    from mnist_dist.train import NonFiniteError, Progress, check_gradients
+
+    model = torch.nn.Linear(3, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    check_gradients(model, Config(grad_clip=1.0), Progress())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert norm == pytest.approx(1.0, rel=1e-5)
+    model.bias.grad[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"not finite at step 8 \(epoch 2\).*--grad-clip"):
+        check_gradients(model, Config(), Progress(step=7, epoch=1))
+    check_gradients(model, Config(check_finite=False), Progress())  # opted out: no check
+
+
+@pytest.mark.multiprocess
+def test_diverging_lr_stops_all_ranks_with_the_step(tmp_path, data_dir):
+    out, proc = _train(tmp_path, "nan", data_dir, "--lr", "1e6", processes=2)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("Error:")]
+    assert len(errors) == 2 and len(set(errors)) == 1, proc.stderr[-2000:]
+    assert "the loss is not finite at step" in errors[0]
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.multiprocess
+def test_a_killed_rank_ends_the_whole_job_quickly(tmp_path, data_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    out = tmp_path / "kill"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
+           "-m", "mnist_dist.train", "--cpu", "--epochs", "50", "--data-dir", str(data_dir), "--output-dir", str(out)]
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    ranks = []
+    while time.time() < deadline and len(ranks) < 2:  # wait for training to be under way
+        time.sleep(1)
+        found = subprocess.run(["pgrep", "-f", f"mnist_dist.train --cpu --epochs 50 --data-dir {data_dir} --output-dir {out}"],
+                               capture_output=True, text=True).stdout.split()
+        ranks = [int(p) for p in found if int(p) != launcher.pid]
+    assert len(ranks) == 2, "training processes did not start"
+    time.sleep(3)
+    import os
+
+    os.kill(ranks[1], signal.SIGKILL)
+    start = time.time()
+    launcher.communicate(timeout=90)
+    assert launcher.returncode != 0 and time.time() - start < 90
+    time.sleep(1)
+    leftover = [p for p in ranks if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()]
+    assert not leftover

@@ -1,0 +1,87 @@
+"""Report: the three pictures of a run, drawn from its history and misclassified digits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_dist.config import build_config
+from mnist_dist.report import CONFUSION_FILE, CURVES_FILE, GRID_FILE, ReportError, misclassified_grid, write_report
+
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture
+def finished_run(tmp_path, mnist_test):
+    """A run directory written by the Tracker as training does: 3 epochs of 50 steps."""
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking import Tracker, misclassified_examples
+
+    images, labels = mnist_test
+    cfg = build_config(None, {"output_dir": str(tmp_path), "tracker": "none", "epochs": 3})
+    tracker = Tracker(cfg, Accelerator(cpu=True), tmp_path)
+    tracker.start({**cfg.to_dict(), "world_size": 1})
+    for step in range(10, 151, 10):
+        tracker.log_step(step, {"train/loss": 2.0 / step ** 0.5, "lr": 0.5, "train/samples_per_second": 1e4})
+        if step % 50 == 0:
+            tracker.log_epoch(step, {"epoch": step // 50, "test/accuracy": 0.9 + step / 5000, "test/loss": 1 / step})
+    predictions = labels.clone()
+    predictions[::97] = (labels[::97] + 1) % 10  # 104 wrong answers, every 97th image
+    confusion = torch.bincount(labels * 10 + predictions, minlength=100).reshape(10, 10)
+    tracker.finish({"test_accuracy": (predictions == labels).float().mean().item()}, confusion,
+                   misclassified_examples(predictions, images, labels))
+    tracker.end()
+    return tmp_path
+
+
+def test_report_writes_three_pictures(finished_run):
+    from PIL import Image
+
+    paths = write_report(finished_run)
+    assert [p.name for p in paths] == [CURVES_FILE, CONFUSION_FILE, GRID_FILE]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width >= 600 and image.height >= 400
+
+
+def test_grid_shows_each_digit_and_its_labels(mnist_test):
+    images, labels = mnist_test
+    grid = misclassified_grid(images[:10], torch.full((10,), 3), labels[:10], columns=8, scale=3)
+    assert grid.size == (8 * 96, 2 * 114)  # 8 columns of 84 px digits + padding, 2 rows with captions
+    cell = torch.from_numpy(np.asarray(grid.crop((6, 6, 90, 90)).convert("L")).copy())
+    expected = (255 - images[0]).repeat_interleave(3, 0).repeat_interleave(3, 1)  # dark ink on white
+    assert torch.equal(cell, expected)
+    caption = torch.from_numpy(np.asarray(grid.crop((6, 93, 90, 111)).convert("L")).copy())
+    assert (caption < 128).sum() > 30  # text is drawn under the digit
+
+
+def test_report_needs_a_finished_run(tmp_path, finished_run):
+    with pytest.raises(ReportError, match="history.jsonl does not exist"):
+        write_report(tmp_path / "nothing-here")
+    history = finished_run / "history.jsonl"
+    lines = history.read_text().splitlines()
+    history.write_text("\n".join(l for l in lines if json.loads(l)["kind"] != "summary") + "\n")
+    with pytest.raises(ReportError, match="no final summary"):
+        write_report(finished_run)
+
+
+def test_report_command(finished_run, tmp_path):
+    from click.testing import CliRunner
+
+    from mnist_dist.cli import main
+
+    result = CliRunner().invoke(main, ["report", str(finished_run)])
+    assert result.exit_code == 0, result.output
+    names = (CURVES_FILE, CONFUSION_FILE, GRID_FILE)
+    assert result.output.splitlines() == [f"wrote {finished_run / name}" for name in names]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["report", str(empty)])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"Error: {empty / 'history.jsonl'} does not exist: pass the --output-dir of a training run"]

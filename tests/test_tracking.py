@@ -1,0 +1,284 @@
+"""Tracking: wandb offline by default, one run for N processes, never a failed job because of wandb."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from mnist_dist.config import ConfigError, build_config
+
+from conftest import read_metrics, run_cli
+
+# 2 epochs of 118 steps (batch 512): quick, and enough log intervals to see the steps grow.
+QUICK = ["--config", "configs/train/reference.yaml", "--cpu", "--epochs", "2", "--batch-size", "512",
+         "--log-every", "20", "--hidden-sizes", "64"]
+BLOCK, HEADER = 32 * 1024, 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_wandb_records(path: Path):
+    """Decode a ``.wandb`` file: a ':W&B' header, then a LevelDB log of ``Record`` protobufs.
+
+    The log is made of 32 KiB blocks; each chunk has a 7-byte header (checksum u32,
+    length u16, type u8) and a record longer than a block's rest is split FIRST,
+    MIDDLE..., LAST. A block's last < 7 bytes are padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", "not a wandb transaction log"
+    pos, parts, records = HEADER, [], []
+    while pos + HEADER <= len(data):
+        room = BLOCK - pos % BLOCK
+        if room < HEADER:
+            pos += room
+            continue
+        _checksum, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind in (FULL, FIRST):
+            parts = [chunk]
+        elif kind in (MIDDLE, LAST):
+            parts.append(chunk)
+        else:  # zero padding at the end of a file
+            continue
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            records.append(record)
+    return records
+
+
+def wandb_history(records) -> list[tuple[int, dict]]:
+    """(step, {key: value}) of each history row."""
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            rows.append((r.history.step.num, items))
+    return rows
+
+
+def wandb_config(records) -> dict:
+    config = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "config":
+            config.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in r.config.update})
+    return config
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def _train(out: Path, data_dir, *extra, processes=1, env=None):
+    return run_cli(["mnist_dist.train", *QUICK, "--data-dir", str(data_dir), "--output-dir", str(out), *extra],
+                   processes=processes, env=env)
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory, data_dir):
+    """A 2-epoch run without credentials or WANDB_MODE: offline because nothing says otherwise."""
+    out = tmp_path_factory.mktemp("offline") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("WANDB_MODE")
+        mp.delenv("WANDB_API_KEY", raising=False)
+        mp.setenv("NETRC", str(out.parent / "no-netrc"))
+        proc = _train(out, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_offline_run_records_config_steps_and_epochs(offline_run):
+    out, proc = offline_run
+    runs = offline_runs(out)
+    assert len(runs) == 1, runs
+    assert proc.stderr.count("logging offline") == 1
+    assert f"wandb sync {out}/wandb/offline-run-*" in proc.stderr
+    (log_file,) = runs[0].glob("run-*.wandb")
+    records = read_wandb_records(log_file)
+
+    config = wandb_config(records)
+    assert (config["lr"], config["batch_size"], config["epochs"], config["world_size"]) == (0.5, 512, 2, 1)
+    assert {"torch", "accelerate", "python"} <= set(config["versions"])
+
+    rows = wandb_history(records)
+    steps = [step for step, _ in rows]
+    assert steps == sorted(set(steps)), "steps strictly increase"
+    loss_steps = [step for step, items in rows if "train/loss" in items]
+    assert loss_steps == list(range(20, 237, 20))  # 118 steps per epoch, logged every 20
+    epochs = [(step, items) for step, items in rows if "test/accuracy" in items]
+    assert [(s, i["epoch"]) for s, i in epochs] == [(118, 1), (236, 2)]
+    metrics = read_metrics(out / "metrics.json")
+    assert epochs[-1][1]["test/accuracy"] == metrics["test_accuracy"] > 0.85
+    assert all(i["train/samples_per_second"] > 0 and i["lr"] == 0.5 for _, i in rows if "train/loss" in i)
+    assert any(key.startswith("test/misclassified") for key in rows[-1][1])
+    assert any(key.startswith("test/confusion_matrix") for key in rows[-1][1])
+    summaries = [r.summary for r in records if r.WhichOneof("record_type") == "summary"]
+    assert any(u.key == "test_accuracy" for s in summaries for u in s.update)
+
+
+def test_history_file_mirrors_what_wandb_got(offline_run):
+    out, _ = offline_run
+    records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "config" and kinds[-1] == "summary" and kinds.count("epoch") == 2
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(20, 237, 20))
+    summary = records[-1]
+    assert sum(map(sum, summary["confusion_matrix"])) == 10000
+    assert summary["test_correct"] == sum(summary["confusion_matrix"][i][i] for i in range(10))
+
+    from safetensors.torch import load_file
+
+    examples = load_file(str(out / "misclassified.safetensors"))
+    assert examples["images"].shape == (64, 28, 28)
+    assert (examples["predicted"] != examples["label"]).all()
+    assert examples["index"].tolist() == sorted(examples["index"].tolist())
+
+
+def test_unreachable_server_with_online_forced_still_trains(tmp_path, data_dir, offline_run):
+    """wandb pointed where nothing listens, online forced: a warning, exit 0, the same metrics."""
+    env = {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40,
+           "WANDB_INIT_TIMEOUT": "1"}
+    start = time.monotonic()
+    proc = _train(tmp_path / "run", data_dir, env=env)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert seconds < 60
+    assert proc.stderr.count("wandb failed to start") == 1
+    assert "Traceback" not in proc.stderr
+    same = read_metrics(offline_run[0] / "metrics.json")
+    got = read_metrics(tmp_path / "run" / "metrics.json")
+    keys = ("test_correct", "test_loss", "steps")
+    assert {k: got[k] for k in keys} == {k: same[k] for k in keys}
+    assert (tmp_path / "run" / "history.jsonl").is_file()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_make_one_wandb_run(tmp_path, data_dir):
+    out = tmp_path / "two"
+    proc = _train(out, data_dir, "--max-steps", "40", processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = offline_runs(out)
+    assert len(runs) == 1, runs
+    (log_file,) = runs[0].glob("run-*.wandb")
+    records = read_wandb_records(log_file)
+    assert wandb_config(records)["world_size"] == 2
+    assert [s for s, i in wandb_history(records) if "train/loss" in i] == [20, 40]
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["not-installed", "import-fails"])
+def test_wandb_that_cannot_be_imported_is_one_warning(tmp_path, monkeypatch, caplog, installed):
+    import sys
+
+    from accelerate import Accelerator
+
+    from mnist_dist import tracking
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # ``import wandb`` raises ImportError
+    if installed:  # the package's metadata is there, its import fails
+        monkeypatch.setattr(tracking, "wandb_installed", lambda: True)
+    accelerator = Accelerator(cpu=True, log_with=tracking.accelerator_log_with("wandb"))
+    tracker = tracking.Tracker(build_config(None, {"output_dir": str(tmp_path)}), accelerator, tmp_path)
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        tracker.start({"lr": 0.5})
+        tracker.log_step(10, {"train/loss": 0.5})
+        tracker.end()
+    (message,) = [r.getMessage() for r in caplog.records]
+    expected = "wandb failed to start (ModuleNotFoundError" if installed else "the wandb package is not installed"
+    assert expected in message
+    assert not tracker.wandb_on and (tmp_path / "history.jsonl").read_text().count("\n") == 2
+
+
+def test_disabled_mode_is_a_quiet_no_op(tmp_path, monkeypatch, caplog):
+    import torch
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    tracker = Tracker(build_config(None, {"output_dir": str(tmp_path)}), accelerator, tmp_path)
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        tracker.start({"lr": 0.5})
+        tracker.log_step(10, {"train/loss": 0.5})
+        tracker.log_epoch(12, {"test/accuracy": 0.5})
+        examples = {"images": torch.zeros(2, 28, 28, dtype=torch.uint8), "predicted": torch.tensor([1, 2]),
+                    "label": torch.tensor([7, 7]), "index": torch.tensor([3, 5])}
+        tracker.finish({"test_accuracy": 0.5}, torch.eye(10, dtype=torch.long), examples)
+        tracker.end()
+    assert not caplog.records and not offline_runs(tmp_path)
+    assert [json.loads(l)["kind"] for l in (tmp_path / "history.jsonl").read_text().splitlines()] == [
+        "config", "step", "epoch", "summary"]
+
+
+def test_a_wandb_failure_mid_run_is_one_warning(tmp_path, monkeypatch, caplog):
+    """A wandb call that raises disables wandb for the rest of the run; the history goes on."""
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking import Tracker
+
+    cfg = build_config(None, {"output_dir": str(tmp_path)})
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    tracker = Tracker(cfg, accelerator, tmp_path)
+    tracker.start({"lr": 0.5})
+    assert tracker.wandb_on
+    run = accelerator.get_tracker("wandb", unwrap=True)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("socket closed\nmore detail")
+
+    monkeypatch.setattr(run, "log", broken)
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        for step in (10, 20, 30):
+            tracker.log_step(step, {"train/loss": 1.0 / step})
+    assert [r.getMessage() for r in caplog.records if "wandb failed" in r.getMessage()] == [
+        f"wandb failed to log (ConnectionError: socket closed); training goes on, the history is in "
+        f"{tmp_path / 'history.jsonl'}"
+    ]
+    assert not tracker.wandb_on and not accelerator.trackers
+    monkeypatch.undo()
+    run.finish()
+    tracker.end()
+    steps = [json.loads(l).get("step") for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert steps == [None, 10, 20, 30]
+
+
+def test_group_ties_a_slurm_job_together(monkeypatch, tmp_path):
+    from mnist_dist.tracking import default_group
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert default_group(tmp_path / "r") == "slurm-4242"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert default_group(tmp_path / "r") == "r"
+
+
+def test_credentials_are_found_without_network(monkeypatch, tmp_path):
+    from mnist_dist.tracking import has_wandb_credentials
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert not has_wandb_credentials()
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert has_wandb_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert not has_wandb_credentials()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert has_wandb_credentials()
+
+
+def test_tags_are_words():
+    assert build_config(None, {"wandb_tags": "baseline, sgd,"}).wandb_tags == ("baseline", "sgd")
+    assert build_config(None, {"wandb_tags": ["a"]}).wandb_tags == ("a",)
+    assert build_config().wandb_tags == ()
+    with pytest.raises(ConfigError, match="'wandb_tags' must be a list of strings"):
+        build_config(None, {"wandb_tags": [1, 2]})
+    with pytest.raises(ConfigError, match="'tracker' must be one of wandb, none"):
+        build_config(None, {"tracker": "tensorboard"})
