@@ -27,10 +27,12 @@ def main() -> None:
     raw = ensure_dataset(args.data_dir, "mnist")
     train_x, train_y = load_split(raw, "mnist", "train")
     test_x, test_y = load_split(raw, "mnist", "test")
-    x, xt = train_x.float().div(255), test_x.float().div(255)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, xt = train_x.float().div(255).to(device), test_x.float().div(255).to(device)
+    train_y, test_y = train_y.to(device), test_y.to(device)
 
     torch.manual_seed(0)
-    model = MLP()
+    model = MLP().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     start = time.perf_counter()
     for _ in range(args.epochs):
@@ -39,6 +41,8 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():

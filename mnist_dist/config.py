@@ -64,6 +64,14 @@ class Config:
     )
     # Execution
     cpu: bool = _opt(False, "Train on CPU even if a GPU is present (needed for CPU processes).")
+    mixed_precision: str = _opt(
+        "no", "bf16: autocast the forward pass to bfloat16 (GPUs with bf16, recent CPUs).", choices=("no", "bf16")
+    )
+    compile: str = _opt(
+        "none",
+        "torch.compile the model: default, or reduce-overhead (adds CUDA-graph capture on GPU).",
+        choices=("none", "default", "reduce-overhead", "max-autotune"),
+    )
     log_every: int = _opt(100, "Log training loss every N optimizer steps.", min=1)
     collective_timeout: int = _opt(
         300, "Seconds a process waits for the others in a collective before the job fails.", min=1

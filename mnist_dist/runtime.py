@@ -30,10 +30,21 @@ def build_accelerator(cfg: Config, log_with: str | None = None):
     ``log_with`` names Accelerate's tracker ("wandb") or is None: none is imported then.
     """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
-    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), kwargs_handlers=[timeout], log_with=log_with)
+    # torch.compile through Accelerate's plugin; "reduce-overhead" also captures CUDA graphs,
+    # which is what this launch-bound model needs on a GPU (it has no effect on CPU).
+    dynamo = None if cfg.compile == "none" else TorchDynamoPlugin(
+        backend="inductor", mode=None if cfg.compile == "default" else cfg.compile
+    )
+    return Accelerator(
+        cpu=cfg.cpu or not torch.cuda.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        dynamo_plugin=dynamo,
+        kwargs_handlers=[timeout],
+        log_with=log_with,
+    )
 
 
 def load_datasets(cfg: Config, accelerator, splits=("train", "test")) -> list[TensorImages | None]:

@@ -196,7 +196,7 @@ def train(cfg: Config, accelerator, tracker: Tracker) -> tuple[torch.nn.Module, 
     }
     examples = misclassified_examples(result.predictions, test_set.images, test_set.labels)
     tracker.finish(metrics, result.confusion, examples)
-    return accelerator.unwrap_model(model), metrics, result
+    return accelerator.unwrap_model(model, keep_torch_compile=False), metrics, result
 
 
 def run(cfg: Config) -> dict[str, Any]:

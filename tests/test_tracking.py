@@ -13,6 +13,8 @@ from mnist_dist.config import ConfigError, build_config
 
 from conftest import read_metrics, run_cli
 
+pytest.importorskip("wandb", reason="wandb is not installed (these tests read its offline runs)")
+
 # 2 epochs of 118 steps (batch 512): quick, and enough log intervals to see the steps grow.
 QUICK = ["--config", "configs/train/reference.yaml", "--cpu", "--epochs", "2", "--batch-size", "512",
          "--log-every", "20", "--hidden-sizes", "64"]

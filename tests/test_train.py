@@ -147,3 +147,31 @@ def test_a_killed_rank_ends_the_whole_job_quickly(tmp_path, data_dir):
     time.sleep(1)
     leftover = [p for p in ranks if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()]
     assert not leftover
+
+
+def test_bf16_autocast_trains_and_changes_the_arithmetic(tmp_path, data_dir):
+    fp32, p1 = _train(tmp_path, "fp32", data_dir, "--max-steps", "30", "--tracker", "none")
+    bf16, p2 = _train(tmp_path, "bf16", data_dir, "--max-steps", "30", "--tracker", "none", "--mixed-precision", "bf16")
+    assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-2000:]
+    w1, w2 = load_weights(fp32 / "model.safetensors"), load_weights(bf16 / "model.safetensors")
+    assert w2["layers.0.weight"].dtype == torch.float32  # master weights stay fp32
+    assert not torch.equal(w1["layers.0.weight"], w2["layers.0.weight"])
+    assert read_metrics(bf16 / "metrics.json")["test_accuracy"] > 0.7  # 30 steps: fp32 gets ~0.76 too
+
+
+def test_compiled_model_saves_plain_weights(tmp_path, data_dir):
+    out, proc = _train(tmp_path, "compiled", data_dir, "--max-steps", "20", "--tracker", "none", "--compile", "default")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(load_weights(out / "model.safetensors")) == {
+        "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture (compile reduce-overhead) needs a GPU")
+def test_cuda_graph_capture_matches_eager_on_gpu(tmp_path, data_dir):
+    eager, p1 = _train(tmp_path, "eager", data_dir, "--max-steps", "50", "--tracker", "none", "--no-cpu")
+    graphs, p2 = _train(tmp_path, "graphs", data_dir, "--max-steps", "50", "--tracker", "none", "--no-cpu",
+                        "--compile", "reduce-overhead")
+    assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-3000:]
+    m1, m2 = read_metrics(eager / "metrics.json"), read_metrics(graphs / "metrics.json")
+    assert m1["device"] == m2["device"] == "cuda"
+    assert abs(m1["test_accuracy"] - m2["test_accuracy"]) < 0.005
