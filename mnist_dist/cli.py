@@ -22,6 +22,35 @@ from .train import NonFiniteError
 USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError)
 
 
+class _OneLineErrors:
+    """Report bad options as one ``Error:`` line (no usage block), like every other error."""
+
+    def main(self, *args, **kwargs):
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            result = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as exc:
+            hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+class Command(_OneLineErrors, click.Command):
+    pass
+
+
+class Group(_OneLineErrors, click.Group):
+    pass
+
+
 def _option_for(name: str):
     meta = FIELDS[name].metadata
     flag = "--" + name.replace("_", "-")
@@ -60,7 +89,7 @@ def _run(fn, *args):
         raise click.ClickException(str(exc)) from None
 
 
-@click.command("train")
+@click.command("train", cls=Command)
 @config_options
 def train_command(config_path: str | None, **overrides: Any) -> None:
     """Train the MLP and evaluate it after every epoch; write the run directory."""
@@ -70,7 +99,7 @@ def train_command(config_path: str | None, **overrides: Any) -> None:
     _run(run, cfg)
 
 
-@click.command("eval")
+@click.command("eval", cls=Command)
 @click.option("--weights", required=True, type=click.Path(dir_okay=False), help="model.safetensors to evaluate.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write metrics (with confusion matrix) as JSON here.")
 @config_options
@@ -100,7 +129,7 @@ def download_command(dataset: str, data_dir: str, replace_corrupt: bool) -> None
     click.echo(f"{dataset}: all files verified in {raw}")
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option(package_name="mnist-dist")
 def main() -> None:
     """mnist-dist: train and evaluate an MNIST MLP on 1..N processes with Accelerate."""
