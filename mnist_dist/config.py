@@ -62,6 +62,32 @@ class Config:
     check_finite: bool = _opt(
         True, "Stop before any optimizer step whose gradients are not finite (one host sync per step)."
     )
+    # Recipe: schedule, loss, inputs, validation (all off by default: the reference recipe)
+    lr_schedule: str = _opt(
+        "constant", "Learning rate after the warm-up, per optimizer step: constant, or decaying to 0.",
+        choices=("constant", "cosine", "linear"),
+    )
+    warmup_fraction: float = _opt(
+        0.0, "Fraction of all optimizer steps over which lr rises linearly to its value.", min=0.0, max=1.0
+    )
+    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy targets.", min=0.0, max=1.0)
+    normalize: bool = _opt(
+        False, "Standardise pixels with the training images' mean and std (folded into the saved weights)."
+    )
+    augment_translate: float = _opt(0.0, "Shift training images randomly by up to +-N pixels in x and y.", min=0.0)
+    augment_rotate: float = _opt(0.0, "Rotate training images randomly by up to +-N degrees.", min=0.0)
+    augment_scale: float = _opt(
+        0.0, "Zoom training images randomly by a factor in [1-N, 1+N].", min=0.0, max_exclusive=1.0
+    )
+    augment_shear: float = _opt(
+        0.0, "Shear training images randomly by up to +-N degrees.", min=0.0, max_exclusive=90.0
+    )
+    augment_elastic: float = _opt(
+        0.0, "Elastic distortion of training images: smooth random displacements of std N pixels.", min=0.0
+    )
+    val_size: int = _opt(
+        0, "Hold out the last N training images and evaluate on them instead of the test set.", min=0
+    )
     # Execution
     cpu: bool = _opt(False, "Train on CPU even if a GPU is present (needed for CPU processes).")
     mixed_precision: str = _opt(
@@ -186,6 +212,10 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"config key '{name}' must be >= {meta['min']}, got {v!r}")
         if "min_exclusive" in meta and not v > meta["min_exclusive"]:
             raise ConfigError(f"config key '{name}' must be > {meta['min_exclusive']}, got {v!r}")
+        if "max" in meta and v > meta["max"]:
+            raise ConfigError(f"config key '{name}' must be <= {meta['max']}, got {v!r}")
+        if "max_exclusive" in meta and not v < meta["max_exclusive"]:
+            raise ConfigError(f"config key '{name}' must be < {meta['max_exclusive']}, got {v!r}")
     return items if kind is tuple else items[0]
 
 

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from . import runs
 from .config import Config, effective_lr, global_batch_size, per_process_batch_size, save_config
 from .evaluate import EvalResult, evaluate
-from .loaders import make_loader, shard_sampler, to_inputs
+from .loaders import make_loader, shard_sampler
 from .model import MLP
 from .progress import ProgressDisplay
+from .recipe import Recipe, hold_out
 from .runtime import build_accelerator, load_datasets, setup_logging, world_size_from_env
+from .schedule import total_steps
 from .tracking import Tracker, accelerator_log_with, misclassified_examples, run_config
 
 log = logging.getLogger("mnist_dist")
@@ -95,7 +97,7 @@ def check_gradients(model: torch.nn.Module, cfg: Config, progress: Progress) -> 
 
 
 def train_one_epoch(model, optimizer, loader, accelerator, cfg: Config, progress: Progress,
-                    display: ProgressDisplay, tracker: Tracker) -> tuple[bool, float]:
+                    display: ProgressDisplay, tracker: Tracker, recipe: Recipe) -> tuple[bool, float]:
     """Run one epoch (or up to ``max_steps``).
 
     Returns whether ``max_steps`` was reached, and the epoch's mean training loss over all ranks.
@@ -108,12 +110,14 @@ def train_one_epoch(model, optimizer, loader, accelerator, cfg: Config, progress
     interval_steps = epoch_steps = 0
     reached_max = False
     start = time.perf_counter()
-    for images, labels, _ in loader:
-        loss = F.cross_entropy(model(to_inputs(images, device)), labels)
+    recipe.start_epoch(progress.epoch)
+    for images, labels, indices in loader:
+        loss = F.cross_entropy(model(recipe.inputs(images, indices)), labels, label_smoothing=cfg.label_smoothing)
         zero_grad()
         accelerator.backward(loss)
         check_gradients(model, cfg, progress)
         step()
+        recipe.after_step()
         progress.step += 1
         display.advance()
         # Accumulate on the device: no host synchronisation until a log interval.
@@ -146,15 +150,18 @@ def train(cfg: Config, accelerator, tracker: Tracker) -> tuple[torch.nn.Module, 
     world = accelerator.num_processes
     per_process = per_process_batch_size(cfg, world)
     train_set, test_set = load_datasets(cfg, accelerator)
+    train_set, test_set, split = hold_out(train_set, test_set, cfg.val_size)  # split: "test" or "val"
 
     set_seed(cfg.seed)  # same initial weights on every rank
     model = MLP(cfg.hidden_sizes)
-    optimizer = build_optimizer(model, cfg, world)
+    sgd = build_optimizer(model, cfg, world)
     # Only model and optimizer go through prepare: the loaders are sharded already.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, sgd)
     shard = dict(num_replicas=world, rank=accelerator.process_index, seed=cfg.seed)
     train_loader = make_loader(train_set, per_process, shuffle=cfg.shuffle, **shard)
     test_loader = make_loader(test_set, cfg.eval_batch_size, shuffle=False, **shard)
+    steps = total_steps(cfg.epochs, len(train_loader), cfg.max_steps)  # the same on every rank
+    recipe = Recipe(cfg, sgd, train_set, steps, accelerator.device)
 
     log.info(
         "training %s on %d process(es) (%s): global batch %d (%d per process), lr %g, %d epochs",
@@ -169,22 +176,23 @@ def train(cfg: Config, accelerator, tracker: Tracker) -> tuple[torch.nn.Module, 
         display.start_epoch(progress.epoch + 1, cfg.epochs, min(len(train_loader), left))
         epoch_start = time.perf_counter()
         done, train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, cfg, progress,
-                                           display, tracker)
+                                           display, tracker, recipe)
         display.end_epoch()
         progress.epoch += 1
-        result = evaluate(model, test_loader, accelerator)
-        log.info("epoch %d/%d: train loss %.4f, test accuracy %.2f%%, test loss %.4f (step %d, %.1f s training)",
-                 progress.epoch, cfg.epochs, train_loss, 100 * result.accuracy, result.loss,
+        result = evaluate(recipe.inference_model(model, accelerator), test_loader, accelerator)
+        log.info("epoch %d/%d: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
+                 progress.epoch, cfg.epochs, train_loss, split, 100 * result.accuracy, split, result.loss,
                  progress.step, progress.train_seconds)
         tracker.log_epoch(progress.step, {
-            "epoch": progress.epoch, "train/epoch_loss": train_loss, "test/accuracy": result.accuracy,
-            "test/loss": result.loss, "epoch_seconds": time.perf_counter() - epoch_start,
+            "epoch": progress.epoch, "train/epoch_loss": train_loss, f"{split}/accuracy": result.accuracy,
+            f"{split}/loss": result.loss, "epoch_seconds": time.perf_counter() - epoch_start,
         })
         if done:
             break
 
     metrics = {
-        **result.metrics(),
+        **{key.replace("test_", f"{split}_", 1): value for key, value in result.metrics().items()},
+        "eval_split": split,
         "world_size": world,
         "train_seconds": progress.train_seconds,
         "epochs": progress.epoch,
@@ -196,7 +204,8 @@ def train(cfg: Config, accelerator, tracker: Tracker) -> tuple[torch.nn.Module, 
     }
     examples = misclassified_examples(result.predictions, test_set.images, test_set.labels)
     tracker.finish(metrics, result.confusion, examples)
-    return accelerator.unwrap_model(model, keep_torch_compile=False), metrics, result
+    trained = accelerator.unwrap_model(model, keep_torch_compile=False)
+    return recipe.inference_model(trained, accelerator), metrics, result
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -213,9 +222,10 @@ def run(cfg: Config) -> dict[str, Any]:
     if accelerator.is_main_process:
         runs.save_weights(model.state_dict(), run_dir / runs.WEIGHTS_FILE)
         runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+    split = metrics["eval_split"]
     accelerator.print(
-        f"test accuracy: {100 * metrics['test_accuracy']:.2f}% "
-        f"({metrics['test_correct']}/{metrics['test_total']}); run directory: {run_dir}"
+        f"{split} accuracy: {100 * metrics[f'{split}_accuracy']:.2f}% "
+        f"({metrics[f'{split}_correct']}/{metrics[f'{split}_total']}); run directory: {run_dir}"
     )
     accelerator.wait_for_everyone()
     tracker.end()  # on every rank: closes wandb (main process), ends the process group

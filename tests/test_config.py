@@ -46,6 +46,11 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         ("shuffle", "yes", "'shuffle' must be true or false"),
         ("batch_mode", "local", "'batch_mode' must be one of global, per_device"),
         ("epochs", None, "'epochs' must not be empty"),
+        ("label_smoothing", 1.5, "'label_smoothing' must be <= 1.0"),
+        ("augment_scale", 1.0, "'augment_scale' must be < 1.0"),
+        ("augment_rotate", -5, "'augment_rotate' must be >= 0"),
+        ("lr_schedule", "step", "'lr_schedule' must be one of constant, cosine, linear"),
+        ("val_size", -1, "'val_size' must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, key, value, message):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import yaml
@@ -175,3 +177,62 @@ def test_cuda_graph_capture_matches_eager_on_gpu(tmp_path, data_dir):
     m1, m2 = read_metrics(eager / "metrics.json"), read_metrics(graphs / "metrics.json")
     assert m1["device"] == m2["device"] == "cuda"
     assert abs(m1["test_accuracy"] - m2["test_accuracy"]) < 0.005
+
+
+# Every recipe feature at once (small numbers, few steps): augmentation with elastic
+# distortion, standardisation, warm-up + cosine schedule, label smoothing, Nesterov momentum.
+RECIPE = ["--tracker", "none", "--shuffle", "--lr", "0.1", "--momentum", "0.9", "--nesterov",
+          "--lr-schedule", "cosine", "--warmup-fraction", "0.1", "--label-smoothing", "0.1", "--normalize",
+          "--augment-translate", "2", "--augment-rotate", "10", "--augment-scale", "0.1", "--augment-shear", "10",
+          "--augment-elastic", "1", "--log-every", "10"]
+
+
+def _lr_history(run_dir):
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return [(r["step"], r["lr"]) for r in records if r["kind"] == "step"]
+
+
+@pytest.mark.multiprocess
+def test_full_recipe_on_two_processes_follows_one(tmp_path, data_dir):
+    """Each image is augmented the same whatever the split, and the lr moves once per optimizer step."""
+    one, p1 = _train(tmp_path, "one", data_dir, "--max-steps", "60", *RECIPE)
+    two, p2 = _train(tmp_path, "two", data_dir, "--max-steps", "60", *RECIPE, processes=2)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    w1, w2 = load_weights(one / "model.safetensors"), load_weights(two / "model.safetensors")
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    lrs = _lr_history(one)
+    assert lrs == _lr_history(two)
+    # Warm-up to 0.1 over 6 steps, then cosine to 0 at step 60: the lr after step 10 and 60.
+    assert [s for s, _ in lrs] == [10, 20, 30, 40, 50, 60]
+    assert lrs[0][1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 4 / 54)))
+    assert lrs[-1][1] == pytest.approx(0.0, abs=1e-12)
+    m1, m2 = read_metrics(one / "metrics.json"), read_metrics(two / "metrics.json")
+    assert abs(m1["test_correct"] - m2["test_correct"]) <= 2
+
+
+def test_standardised_run_saves_weights_for_raw_pixels(tmp_path, data_dir):
+    """The standardisation is folded into the first layer: eval and predict need nothing else."""
+    out, proc = _train(tmp_path, "norm", data_dir, "--max-steps", "60", *RECIPE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = load_weights(out / "model.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        "layers.0.weight": (256, 784), "layers.0.bias": (256,), "layers.1.weight": (10, 256), "layers.1.bias": (10,)}
+    proc = run_cli(["mnist_dist.evaluate", "--weights", str(out / "model.safetensors"), "--cpu",
+                    "--data-dir", str(data_dir), "--output", str(tmp_path / "eval.json")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained, evaluated = read_metrics(out / "metrics.json"), read_metrics(tmp_path / "eval.json")
+    assert trained["test_accuracy"] > 0.8
+    assert evaluated["test_correct"] == trained["test_correct"]
+
+
+def test_validation_split_replaces_the_test_set(tmp_path, data_dir):
+    out, proc = _train(tmp_path, "val", data_dir, "--max-steps", "20", "--hidden-sizes", "32", "--val-size", "5000",
+                       "--tracker", "none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(out / "metrics.json")
+    assert (metrics["eval_split"], metrics["val_total"]) == ("val", 5000)
+    assert not any(key.startswith("test_") for key in metrics)
+    assert "val accuracy:" in proc.stdout
