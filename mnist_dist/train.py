@@ -125,7 +125,6 @@ def train_one_epoch(model, optimizer, loader, accelerator, cfg: Config, progress
         interval_steps += 1
         if progress.step % cfg.log_every == 0:
             mean = accelerator.reduce(interval_loss / interval_steps, reduction="mean").item()
-            log.debug("epoch %d step %d loss %.4f", progress.epoch + 1, progress.step, mean)
             rate = display.interval(progress.step, mean, interval_steps)
             tracker.log_step(progress.step, {"train/loss": mean, "lr": optimizer.param_groups[0]["lr"],
                                              "train/samples_per_second": rate})
@@ -149,6 +148,7 @@ def train(cfg: Config, accelerator, tracker: Tracker) -> tuple[torch.nn.Module, 
 
     world = accelerator.num_processes
     per_process = per_process_batch_size(cfg, world)
+    global_batch, lr = global_batch_size(cfg, world), effective_lr(cfg, world)
     train_set, test_set = load_datasets(cfg, accelerator)
     train_set, test_set, split = hold_out(train_set, test_set, cfg.val_size)  # split: "test" or "val"
 
@@ -165,11 +165,10 @@ def train(cfg: Config, accelerator, tracker: Tracker) -> tuple[torch.nn.Module, 
 
     log.info(
         "training %s on %d process(es) (%s): global batch %d (%d per process), lr %g, %d epochs",
-        cfg.dataset, world, accelerator.device.type, global_batch_size(cfg, world), per_process,
-        effective_lr(cfg, world), cfg.epochs,
+        cfg.dataset, world, accelerator.device.type, global_batch, per_process, lr, cfg.epochs,
     )
     progress = Progress()
-    display = ProgressDisplay(accelerator.is_main_process, global_batch_size(cfg, world))
+    display = ProgressDisplay(accelerator.is_main_process, global_batch)
     result = None
     while progress.epoch < cfg.epochs:
         left = len(train_loader) if cfg.max_steps is None else cfg.max_steps - progress.step
@@ -197,9 +196,9 @@ def train(cfg: Config, accelerator, tracker: Tracker) -> tuple[torch.nn.Module, 
         "train_seconds": progress.train_seconds,
         "epochs": progress.epoch,
         "steps": progress.step,
-        "global_batch_size": global_batch_size(cfg, world),
+        "global_batch_size": global_batch,
         "per_process_batch_size": per_process,
-        "lr": effective_lr(cfg, world),
+        "lr": lr,
         "device": accelerator.device.type,
     }
     examples = misclassified_examples(result.predictions, test_set.images, test_set.labels)
