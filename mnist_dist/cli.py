@@ -12,14 +12,16 @@ from typing import Any
 
 import click
 
+from .checkpoint import CheckpointError
 from .config import FIELDS, ConfigError, build_config, field_type
 from .data import DataError
 from .runs import RunDirError
 
+from .preempt import Stopped
 from .train import NonFiniteError
 
 # Errors whose message is the whole story: shown as one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError)
+USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError, CheckpointError)
 
 
 class _OneLineErrors:
@@ -87,6 +89,8 @@ def _run(fn, *args):
         return fn(*args)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from None
+    except Stopped as exc:  # a checkpoint is saved and the main process said so
+        sys.exit(exc.exit_code)
 
 
 @click.command("train", cls=Command)

@@ -102,6 +102,23 @@ class Config:
     collective_timeout: int = _opt(
         300, "Seconds a process waits for the others in a collective before the job fails.", min=1
     )
+    # Checkpoints, resume and preemption
+    checkpoint_every: int = _opt(
+        0, "Also save a checkpoint every N optimizer steps (0: only at epoch ends, at the end, and on a stop signal).",
+        min=0,
+    )
+    checkpoint_every_epochs: int = _opt(1, "Save a checkpoint every N epochs (0: not at epoch ends).", min=0)
+    keep_checkpoints: int = _opt(
+        2, "Keep the newest N checkpoints; older ones are deleted only once a newer one is complete.", min=1
+    )
+    resume: str = _opt(
+        "auto",
+        "auto: continue from the newest complete checkpoint in output_dir (fresh start if none); "
+        "none: start afresh (refused if output_dir has checkpoints); or a checkpoint or run directory.",
+    )
+    requeue: bool = _opt(
+        True, "Under SLURM, on SIGUSR1 (sbatch --signal=USR1@SECONDS) save a checkpoint and requeue the job."
+    )
     # Tracking
     tracker: str = _opt(
         "wandb", "Experiment tracker; without credentials wandb logs offline.", choices=("wandb", "none")

@@ -44,13 +44,19 @@ class ShardBatches(Sampler):
 
     def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
         self.sampler, self.batch_size = sampler, batch_size
+        self.skip = 0
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
+    def skip_next(self, batches: int) -> None:
+        """Start the next pass ``batches`` batches in (a run resumed mid-epoch); later passes start at 0."""
+        self.skip = batches
+
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.long)
-        return iter(order.split(self.batch_size))
+        skip, self.skip = self.skip, 0
+        return iter(order.split(self.batch_size)[skip:])
 
 
 def _whole_batch(batch: Batch) -> Batch:

@@ -22,6 +22,7 @@ def setup_logging(is_main: bool) -> None:
     """Log INFO on the main process only, so N processes print one log."""
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
                         level=logging.INFO if is_main else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load messages
 
 
 def build_accelerator(cfg: Config, log_with: str | None = None):

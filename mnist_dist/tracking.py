@@ -91,14 +91,23 @@ class Tracker:
         self.is_main = accelerator.is_main_process
         self.wandb_on = False
         self._history = None
+        self._resumed_id = None
         self._last_step = 0
         self._start = time.time()
 
-    def start(self, config: dict[str, Any]) -> None:
-        """Open the history file (a restart starts it afresh) and start wandb if asked for."""
+    def start(self, config: dict[str, Any], resumed: dict[str, Any] | None = None) -> None:
+        """Open the history file and start wandb if asked for.
+
+        A fresh run starts the history afresh; a run resumed from a checkpoint (``resumed``:
+        its trainer state) appends to it and continues the same wandb run.
+        """
         if not self.is_main:
             return
-        self._history = open(self.run_dir / HISTORY_FILE, "w", encoding="utf-8")
+        self._resumed_id = resumed and resumed.get("wandb_run_id")
+        self._history = open(self.run_dir / HISTORY_FILE, "a" if resumed else "w", encoding="utf-8")
+        if resumed:
+            self._last_step = resumed["progress"]["step"]
+            self._write({"kind": "resume", "step": self._last_step})
         self._write({"kind": "config", "config": config})
         if self.cfg.tracker != "wandb":
             return
@@ -128,6 +137,8 @@ class Tracker:
             "dir": str(wandb_dir), "entity": self.cfg.wandb_entity, "name": self.cfg.wandb_run_name,
             "group": self.cfg.wandb_group or default_group(self.run_dir), "tags": list(self.cfg.wandb_tags),
         }
+        if self._resumed_id:  # the same wandb run goes on
+            kwargs.update(id=self._resumed_id, resume="allow")
         if not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_DISABLED")) and not has_wandb_credentials():
             kwargs["mode"] = "offline"
             settings["silent"] = True  # the line below says it all, once
@@ -135,6 +146,13 @@ class Tracker:
                      "wandb sync %s", wandb_dir / "wandb" / "offline-run-*")
         kwargs["settings"] = wandb.Settings(**settings)
         return kwargs
+
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run's id (main process, wandb on), kept in checkpoints to continue the run."""
+        if not self.wandb_on:
+            return None
+        return self.accelerator.get_tracker("wandb", unwrap=True).id
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Training metrics at optimizer step ``step`` (main process only)."""

@@ -9,18 +9,20 @@ are averaged, so N processes follow the mathematics of one.
 from __future__ import annotations
 
 import logging
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import runs
+from . import checkpoint, runs
 from .config import Config, effective_lr, global_batch_size, per_process_batch_size, save_config
 from .evaluate import EvalResult, evaluate
 from .loaders import make_loader, shard_sampler
 from .model import MLP
+from .preempt import StopFlags, Stopped, requeue_slurm_job
 from .progress import ProgressDisplay
 from .recipe import Recipe, hold_out
 from .runtime import build_accelerator, load_datasets, setup_logging, world_size_from_env
@@ -32,10 +34,12 @@ log = logging.getLogger("mnist_dist")
 
 @dataclass
 class Progress:
-    """Where training is: optimizer steps done, epochs done, time spent in training steps."""
+    """Where training is: optimizer steps and epochs done, batches done in the current
+    epoch, time spent in training steps."""
 
     step: int = 0
     epoch: int = 0
+    batch: int = 0
     train_seconds: float = 0.0
 
 
@@ -96,128 +100,230 @@ def check_gradients(model: torch.nn.Module, cfg: Config, progress: Progress) -> 
         torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm, foreach=True)
 
 
-def train_one_epoch(model, optimizer, loader, accelerator, cfg: Config, progress: Progress,
-                    display: ProgressDisplay, tracker: Tracker, recipe: Recipe) -> tuple[bool, float]:
-    """Run one epoch (or up to ``max_steps``).
+class Trainer:
+    """One rank's part of a run: the loop, evaluation after every epoch, checkpoints, stopping.
 
-    Returns whether ``max_steps`` was reached, and the epoch's mean training loss over all ranks.
+    Build it on every rank; ``restore`` a checkpoint if resuming; ``fit`` trains to the end
+    or raises ``Stopped`` (after saving a checkpoint) when a rank was signalled.
     """
-    model.train()
-    device = accelerator.device
-    zero_grad, step = optimizer_calls(optimizer, accelerator)
-    shard_sampler(loader).set_epoch(progress.epoch)
-    interval_loss, epoch_loss = torch.zeros((), device=device), torch.zeros((), device=device)
-    interval_steps = epoch_steps = 0
-    reached_max = False
-    start = time.perf_counter()
-    recipe.start_epoch(progress.epoch)
-    for images, labels, indices in loader:
-        loss = F.cross_entropy(model(recipe.inputs(images, indices)), labels, label_smoothing=cfg.label_smoothing)
-        zero_grad()
-        accelerator.backward(loss)
-        check_gradients(model, cfg, progress)
-        step()
-        recipe.after_step()
-        progress.step += 1
-        display.advance()
-        # Accumulate on the device: no host synchronisation until a log interval.
-        interval_loss += loss.detach()
-        interval_steps += 1
-        if progress.step % cfg.log_every == 0:
-            mean = accelerator.reduce(interval_loss / interval_steps, reduction="mean").item()
-            rate = display.interval(progress.step, mean, interval_steps)
-            tracker.log_step(progress.step, {"train/loss": mean, "lr": optimizer.param_groups[0]["lr"],
-                                             "train/samples_per_second": rate})
-            epoch_loss += interval_loss
-            epoch_steps += interval_steps
-            interval_loss.zero_()
-            interval_steps = 0
-        if cfg.max_steps is not None and progress.step >= cfg.max_steps:
-            reached_max = True
-            break
-    progress.train_seconds += time.perf_counter() - start
-    epoch_loss += interval_loss
-    epoch_steps += interval_steps
-    mean_loss = accelerator.reduce(epoch_loss / max(epoch_steps, 1), reduction="mean").item()
-    return reached_max, mean_loss
 
+    def __init__(self, cfg: Config, accelerator, tracker: Tracker, run_dir, stop: StopFlags) -> None:
+        from accelerate.utils import set_seed
 
-def train(cfg: Config, accelerator, tracker: Tracker) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
-    """Train and evaluate after every epoch; return the unwrapped model, metrics, last evaluation."""
-    from accelerate.utils import set_seed
+        self.cfg, self.accelerator, self.tracker, self.run_dir, self.stop = cfg, accelerator, tracker, run_dir, stop
+        self.world = world = accelerator.num_processes
+        self.per_process = per_process_batch_size(cfg, world)
+        self.global_batch, self.lr = global_batch_size(cfg, world), effective_lr(cfg, world)
+        train_set, test_set = load_datasets(cfg, accelerator)
+        # split: "test", or "val" for a hold-out of the training set
+        self.train_set, self.test_set, self.split = hold_out(train_set, test_set, cfg.val_size)
 
-    world = accelerator.num_processes
-    per_process = per_process_batch_size(cfg, world)
-    global_batch, lr = global_batch_size(cfg, world), effective_lr(cfg, world)
-    train_set, test_set = load_datasets(cfg, accelerator)
-    train_set, test_set, split = hold_out(train_set, test_set, cfg.val_size)  # split: "test" or "val"
+        set_seed(cfg.seed)  # same initial weights on every rank
+        model = MLP(cfg.hidden_sizes)
+        sgd = build_optimizer(model, cfg, world)
+        # Only model and optimizer go through prepare: the loaders are sharded already.
+        self.model, self.optimizer = accelerator.prepare(model, sgd)
+        shard = dict(num_replicas=world, rank=accelerator.process_index, seed=cfg.seed)
+        self.train_loader = make_loader(self.train_set, self.per_process, shuffle=cfg.shuffle, **shard)
+        self.test_loader = make_loader(self.test_set, cfg.eval_batch_size, shuffle=False, **shard)
+        steps = total_steps(cfg.epochs, len(self.train_loader), cfg.max_steps)  # the same on every rank
+        self.recipe = Recipe(cfg, sgd, self.train_set, steps, accelerator.device)
+        self.progress = Progress()
+        self.display = ProgressDisplay(accelerator.is_main_process, self.global_batch)
+        # Loss sums stay on the device (no host synchronisation until a log interval).
+        device = accelerator.device
+        self.interval_loss, self.epoch_loss = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.interval_steps = self.epoch_steps = 0
 
-    set_seed(cfg.seed)  # same initial weights on every rank
-    model = MLP(cfg.hidden_sizes)
-    sgd = build_optimizer(model, cfg, world)
-    # Only model and optimizer go through prepare: the loaders are sharded already.
-    model, optimizer = accelerator.prepare(model, sgd)
-    shard = dict(num_replicas=world, rank=accelerator.process_index, seed=cfg.seed)
-    train_loader = make_loader(train_set, per_process, shuffle=cfg.shuffle, **shard)
-    test_loader = make_loader(test_set, cfg.eval_batch_size, shuffle=False, **shard)
-    steps = total_steps(cfg.epochs, len(train_loader), cfg.max_steps)  # the same on every rank
-    recipe = Recipe(cfg, sgd, train_set, steps, accelerator.device)
+    # -- checkpoints --------------------------------------------------------------------
 
-    log.info(
-        "training %s on %d process(es) (%s): global batch %d (%d per process), lr %g, %d epochs",
-        cfg.dataset, world, accelerator.device.type, global_batch, per_process, lr, cfg.epochs,
-    )
-    progress = Progress()
-    display = ProgressDisplay(accelerator.is_main_process, global_batch)
-    result = None
-    while progress.epoch < cfg.epochs:
-        left = len(train_loader) if cfg.max_steps is None else cfg.max_steps - progress.step
-        display.start_epoch(progress.epoch + 1, cfg.epochs, min(len(train_loader), left))
-        epoch_start = time.perf_counter()
-        done, train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, cfg, progress,
-                                           display, tracker, recipe)
-        display.end_epoch()
-        progress.epoch += 1
-        result = evaluate(recipe.inference_model(model, accelerator), test_loader, accelerator)
-        log.info("epoch %d/%d: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
-                 progress.epoch, cfg.epochs, train_loss, split, 100 * result.accuracy, split, result.loss,
-                 progress.step, progress.train_seconds)
-        tracker.log_epoch(progress.step, {
-            "epoch": progress.epoch, "train/epoch_loss": train_loss, f"{split}/accuracy": result.accuracy,
-            f"{split}/loss": result.loss, "epoch_seconds": time.perf_counter() - epoch_start,
-        })
-        if done:
-            break
+    def restore(self, path) -> None:
+        """Continue from checkpoint ``path``: weights, optimizer, RNG states, position, loss sums."""
+        state, mine = checkpoint.load(self.accelerator, path)
+        self.progress = Progress(**state["progress"])
+        if self.recipe.scheduler is not None:
+            self.recipe.scheduler.load_state_dict(state["scheduler"])
+        self.interval_loss.fill_(mine["interval_loss"])
+        self.epoch_loss.fill_(mine["epoch_loss"])
+        self.interval_steps, self.epoch_steps = mine["interval_steps"], mine["epoch_steps"]
+        p = self.progress
+        log.info("resumed from %s: epoch %d, step %d (%d batches into epoch %d)",
+                 path, p.epoch, p.step, p.batch, p.epoch + 1)
 
-    metrics = {
-        **{key.replace("test_", f"{split}_", 1): value for key, value in result.metrics().items()},
-        "eval_split": split,
-        "world_size": world,
-        "train_seconds": progress.train_seconds,
-        "epochs": progress.epoch,
-        "steps": progress.step,
-        "global_batch_size": global_batch,
-        "per_process_batch_size": per_process,
-        "lr": lr,
-        "device": accelerator.device.type,
-    }
-    examples = misclassified_examples(result.predictions, test_set.images, test_set.labels)
-    tracker.finish(metrics, result.confusion, examples)
-    trained = accelerator.unwrap_model(model, keep_torch_compile=False)
-    return recipe.inference_model(trained, accelerator), metrics, result
+    def save_checkpoint(self):
+        """Save where training is now (a collective: every rank calls it at the same step)."""
+        scheduler = self.recipe.scheduler
+        state = {
+            "progress": asdict(self.progress),
+            "world_size": self.world,
+            "config": self.cfg.to_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "wandb_run_id": self.tracker.run_id,
+        }
+        mine = {"interval_loss": self.interval_loss.item(), "interval_steps": self.interval_steps,
+                "epoch_loss": self.epoch_loss.item(), "epoch_steps": self.epoch_steps}
+        path = checkpoint.save(self.accelerator, self.run_dir, state, mine, self.cfg.keep_checkpoints)
+        log.info("checkpoint %s saved (epoch %d, step %d)", path, self.progress.epoch, self.progress.step)
+        return path
+
+    def _stopped(self, signum: int) -> Stopped:
+        self.display.end_epoch()
+        return Stopped(signum, self.progress.step, self.save_checkpoint())
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _share(self, value: torch.Tensor) -> tuple[float, int | None]:
+        """``value`` averaged over ranks, and the signal (if any) all ranks stop for: one all-reduce."""
+        flags = torch.tensor(self.stop.local(), dtype=value.dtype, device=value.device)
+        summed = self.accelerator.reduce(torch.cat([value.reshape(1), flags]), reduction="sum").tolist()
+        return summed[0] / self.world, StopFlags.verdict(summed[1:])
+
+    def _checkpoint_due(self) -> bool:
+        return bool(self.cfg.checkpoint_every) and self.progress.step % self.cfg.checkpoint_every == 0
+
+    def _reached_max(self) -> bool:
+        return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
+
+    def _train_epoch(self) -> tuple[float, int | None]:
+        """Train the rest of the current epoch (or up to ``max_steps``).
+
+        Returns the epoch's mean training loss over all ranks and the signal, if any, that
+        all ranks agreed to stop for at the epoch's end. A signal agreed on at a log
+        interval saves a checkpoint there and raises ``Stopped``.
+        """
+        cfg, p, accelerator = self.cfg, self.progress, self.accelerator
+        self.model.train()
+        zero_grad, step = optimizer_calls(self.optimizer, self.accelerator)
+        shard_sampler(self.train_loader).set_epoch(p.epoch)
+        self.train_loader.batch_sampler.skip_next(p.batch)  # resumed mid-epoch: the batches not yet seen
+        left = len(self.train_loader) - p.batch
+        if cfg.max_steps is not None:
+            left = min(left, cfg.max_steps - p.step)
+        self.display.start_epoch(p.epoch + 1, cfg.epochs, left)
+        self.recipe.start_epoch(p.epoch)
+        clock = time.perf_counter()
+        for images, labels, indices in self.train_loader:
+            loss = F.cross_entropy(self.model(self.recipe.inputs(images, indices)), labels,
+                                   label_smoothing=cfg.label_smoothing)
+            zero_grad()
+            accelerator.backward(loss)
+            check_gradients(self.model, cfg, p)
+            step()
+            self.recipe.after_step()
+            p.step += 1
+            p.batch += 1
+            self.display.advance()
+            self.interval_loss += loss.detach()
+            self.interval_steps += 1
+            if p.step % cfg.log_every == 0:
+                mean, signum = self._share(self.interval_loss / self.interval_steps)
+                rate = self.display.interval(p.step, mean, self.interval_steps)
+                self.tracker.log_step(p.step, {"train/loss": mean, "lr": self.optimizer.param_groups[0]["lr"],
+                                               "train/samples_per_second": rate})
+                self.epoch_loss += self.interval_loss
+                self.epoch_steps += self.interval_steps
+                self.interval_loss.zero_()
+                self.interval_steps = 0
+                if signum is not None:
+                    p.train_seconds += time.perf_counter() - clock
+                    raise self._stopped(signum)
+            if self._checkpoint_due() and p.batch < len(self.train_loader) and not self._reached_max():
+                p.train_seconds += time.perf_counter() - clock
+                self.save_checkpoint()
+                clock = time.perf_counter()
+            if self._reached_max():
+                break
+        p.train_seconds += time.perf_counter() - clock
+        self.display.end_epoch()
+        self.epoch_loss += self.interval_loss
+        self.epoch_steps += self.interval_steps
+        mean, signum = self._share(self.epoch_loss / max(self.epoch_steps, 1))
+        self.interval_loss.zero_()
+        self.epoch_loss.zero_()
+        self.interval_steps = self.epoch_steps = 0
+        return mean, signum
+
+    def _evaluate(self) -> EvalResult:
+        return evaluate(self.recipe.inference_model(self.model, self.accelerator), self.test_loader, self.accelerator)
+
+    def fit(self) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
+        """Train and evaluate after every epoch; return the unwrapped model, metrics, last evaluation."""
+        cfg, p, split = self.cfg, self.progress, self.split
+        log.info(
+            "training %s on %d process(es) (%s): global batch %d (%d per process), lr %g, %s",
+            cfg.dataset, self.world, self.accelerator.device.type, self.global_batch, self.per_process, self.lr,
+            f"{cfg.epochs} epochs" if cfg.max_steps is None else f"{cfg.epochs} epochs or {cfg.max_steps} steps",
+        )
+        result = None
+        while p.epoch < cfg.epochs and not self._reached_max():
+            epoch_start = time.perf_counter()
+            train_loss, signum = self._train_epoch()
+            p.epoch += 1
+            p.batch = 0
+            result = self._evaluate()
+            log.info("epoch %d/%d: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
+                     p.epoch, cfg.epochs, train_loss, split, 100 * result.accuracy, split, result.loss,
+                     p.step, p.train_seconds)
+            self.tracker.log_epoch(p.step, {
+                "epoch": p.epoch, "train/epoch_loss": train_loss, f"{split}/accuracy": result.accuracy,
+                f"{split}/loss": result.loss, "epoch_seconds": time.perf_counter() - epoch_start,
+            })
+            last = p.epoch == cfg.epochs or self._reached_max()
+            if signum is not None and not last:
+                raise self._stopped(signum)
+            if last or self._checkpoint_due() or (
+                    cfg.checkpoint_every_epochs and p.epoch % cfg.checkpoint_every_epochs == 0):
+                self.save_checkpoint()
+        if result is None:  # resumed from the checkpoint at the end of training
+            result = self._evaluate()
+
+        metrics = {
+            **{key.replace("test_", f"{split}_", 1): value for key, value in result.metrics().items()},
+            "eval_split": split,
+            "world_size": self.world,
+            "train_seconds": p.train_seconds,
+            "epochs": p.epoch,
+            "steps": p.step,
+            "global_batch_size": self.global_batch,
+            "per_process_batch_size": self.per_process,
+            "lr": self.lr,
+            "device": self.accelerator.device.type,
+        }
+        examples = misclassified_examples(result.predictions, self.test_set.images, self.test_set.labels)
+        self.tracker.finish(metrics, result.confusion, examples)
+        trained = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return self.recipe.inference_model(trained, self.accelerator), metrics, result
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """The whole job: check the run directory, train, write config, metrics and weights."""
+    """The whole job: check the run directory, train (or resume), write config, metrics and weights."""
     per_process_batch_size(cfg, world_size_from_env())  # fail before any process group work
     run_dir = runs.prepare_run_dir(cfg.output_dir)
     accelerator = build_accelerator(cfg, log_with=accelerator_log_with(cfg.tracker))
     setup_logging(accelerator.is_main_process)
+    resume_from = checkpoint.resolve(cfg, run_dir)  # before anything in run_dir is written
+    resumed = None
+    if resume_from is not None:
+        resumed = checkpoint.read_state(resume_from)
+        checkpoint.check_compatible(resumed, cfg, accelerator.num_processes, resume_from)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / runs.CONFIG_FILE)
     tracker = Tracker(cfg, accelerator, run_dir)
-    tracker.start(run_config(cfg, accelerator))
-    model, metrics, _ = train(cfg, accelerator, tracker)
+    tracker.start(run_config(cfg, accelerator), resumed)
+    stop = StopFlags()
+    try:
+        trainer = Trainer(cfg, accelerator, tracker, run_dir, stop)
+        if resume_from is not None:
+            trainer.restore(resume_from)
+        model, metrics, _ = trainer.fit()
+    except Stopped as exc:
+        accelerator.print(exc)
+        tracker.end()  # every rank: closes wandb, ends the process group
+        if exc.signum == signal.SIGUSR1 and cfg.requeue and accelerator.is_main_process:
+            requeue_slurm_job()
+        raise
+    finally:
+        stop.restore()
     if accelerator.is_main_process:
         runs.save_weights(model.state_dict(), run_dir / runs.WEIGHTS_FILE)
         runs.write_json(run_dir / runs.METRICS_FILE, metrics)
