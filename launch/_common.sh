@@ -33,3 +33,17 @@ else
     DEVICE_ARGS=(--cpu)
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+
+# Preemption. SLURM sends SIGUSR1 (#SBATCH --signal) to every process of the job step.
+# The launcher must outlive the training processes while they save a checkpoint: a
+# single-process `accelerate launch` ignores SIGUSR1 (the scripts' trap, kept across exec),
+# and torchrun's agent, which takes over its own signal handling, is told to pass SIGUSR1
+# on to the workers like SIGTERM and to wait for them. The training processes act on it.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+# Outside a SLURM job (running a script with bash to try it) there is no job step to start.
+if [ -n "${SLURM_JOB_ID:-}" ]; then JOB_STEP=(srun --ntasks=1); else JOB_STEP=(); fi
+RESTART_NOTE=""
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    RESTART_NOTE=" (restart $SLURM_RESTART_COUNT: resuming from the newest checkpoint)"
+fi
+export NNODES MAIN_ADDR MAIN_PORT PROCS_PER_NODE LAUNCH_CONFIG

@@ -318,9 +318,10 @@ def run(cfg: Config) -> dict[str, Any]:
         model, metrics, _ = trainer.fit()
     except Stopped as exc:
         accelerator.print(exc)
-        tracker.end()  # every rank: closes wandb, ends the process group
+        # The checkpoint is complete on every rank: requeue first, as SLURM may end the job soon.
         if exc.signum == signal.SIGUSR1 and cfg.requeue and accelerator.is_main_process:
             requeue_slurm_job()
+        tracker.end()  # every rank: closes wandb, ends the process group
         raise
     finally:
         stop.restore()

@@ -12,13 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, read_metrics
-from slurm_cluster import missing_reason, running_cluster
+from mnist_dist.runs import load_weights
+from slurm_cluster import missing_reason, running_cluster, wait_until
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slurm]
 
-JOB_TIMEOUT = 240  # seconds; a 300-step job takes about 30 s on an idle 2-core machine
+JOB_TIMEOUT = 240  # seconds; a 1500-step job takes about 30 s on an idle 2-core machine
+STEPS = 1500
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +34,7 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
 
 
-def submit_and_wait(cluster, script: str, sbatch_args: list[str], train_args: list[str], out_dir: Path):
-    """Submit launch/SCRIPT as the tests' user would; returns (job fields, job output text, seconds)."""
+def job_env() -> dict[str, str]:
     env = {
         **os.environ,
         "MNIST_DIST_DIR": str(REPO),
@@ -43,40 +45,100 @@ def submit_and_wait(cluster, script: str, sbatch_args: list[str], train_args: li
     }
     for key in ("PROCS_PER_NODE", "LAUNCH_CONFIG", "MAIN_PORT"):
         env.pop(key, None)
-    start = time.monotonic()
+    return env
+
+
+def submit(cluster, script: str, sbatch_args: list[str], train_args: list[str], out_dir: Path) -> tuple[int, Path]:
+    """Submit launch/SCRIPT as the tests' user would; returns the job id and its output file."""
     job_id = cluster.submit(f"--output={out_dir}/job-%j.out", *sbatch_args, str(REPO / "launch" / script),
-                            *train_args, cwd=REPO, env=env)
+                            *train_args, cwd=REPO, env=job_env())
+    return job_id, out_dir / f"job-{job_id}.out"
+
+
+def wait_completed(cluster, job_id: int, output_file: Path) -> tuple[dict[str, str], str]:
     job = cluster.wait(job_id, timeout=JOB_TIMEOUT)
-    output = (out_dir / f"job-{job_id}.out").read_text()
+    output = output_file.read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output[-3000:]
+    return job, output
+
+
+def submit_and_wait(cluster, script: str, sbatch_args: list[str], train_args: list[str], out_dir: Path):
+    """Submit and wait for the job to complete; returns (job fields, job output text, seconds)."""
+    start = time.monotonic()
+    job_id, output_file = submit(cluster, script, sbatch_args, train_args, out_dir)
+    job, output = wait_completed(cluster, job_id, output_file)
     return job, output, time.monotonic() - start
 
 
 def train_args(data_dir: Path, run_dir: Path) -> list[str]:
-    return ["--config", "configs/train/reference.yaml", "--max-steps", "300", "--tracker", "none",
-            "--data-dir", str(Path(data_dir).resolve()), "--output-dir", str(run_dir)]
+    # Log (and so agree on a stop) every 7 steps; long enough to be signalled while training.
+    return ["--config", "configs/train/reference.yaml", "--max-steps", str(STEPS), "--log-every", "7",
+            "--tracker", "none", "--data-dir", str(Path(data_dir).resolve()), "--output-dir", str(run_dir)]
 
 
-def test_multi_node_job_trains_on_both_nodes(slurm_cluster, data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def multi_node_run(slurm_cluster, data_dir, tmp_path_factory):
+    """An uninterrupted multi_node.sbatch job on both nodes: (job fields, output, run directory)."""
+    out = tmp_path_factory.mktemp("multi_node")
     job, output, seconds = submit_and_wait(
-        slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, tmp_path / "run"), tmp_path
+        slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, out / "run"), out
     )
-    metrics = read_metrics(tmp_path / "run/metrics.json")
-    assert (metrics["world_size"], metrics["steps"]) == (2, 300)
-    assert metrics["test_accuracy"] > 0.90, metrics
+    print(f"multi-node job {job['JobId']}: {seconds:.0f} s")
+    return job, output, out / "run"
+
+
+def test_multi_node_job_trains_on_both_nodes(multi_node_run):
+    job, output, run_dir = multi_node_run
+    metrics = read_metrics(run_dir / "metrics.json")
+    assert (metrics["world_size"], metrics["steps"]) == (2, STEPS)
+    assert metrics["test_accuracy"] > 0.95, metrics
     assert job["NodeList"] == "n[1-2]"
     assert "mnist-dist: 2 node(s) x 1 process(es), main n1:" in output
     # SLURM_LABELIO makes srun prefix each line with its task, one task per node: the main
     # process of each node (machine rank 0 on n1, 1 on n2) printed the result.
     for task in (0, 1):
         assert f"{task}: test accuracy: {100 * metrics['test_accuracy']:.2f}%" in output, output[-3000:]
-    print(f"multi-node job {job['JobId']}: {seconds:.0f} s, accuracy {metrics['test_accuracy']:.4f}")
+    print(f"multi-node job {job['JobId']}: accuracy {metrics['test_accuracy']:.4f}")
+
+
+def test_signalled_job_requeues_resumes_and_ends_as_if_never_stopped(slurm_cluster, multi_node_run, data_dir,
+                                                                   tmp_path):
+    run_dir = tmp_path / "run"
+    job_id, output_file = submit(slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, run_dir),
+                                 tmp_path)
+    wait_until(lambda: output_file.exists() and "samples/s" in output_file.read_text(), JOB_TIMEOUT,
+               "the job to start training")
+    # What SLURM sends before the time limit (#SBATCH --signal=USR1@120), now.
+    slurm_cluster.run("scancel", "--signal=USR1", str(job_id))
+
+    def requeued() -> bool:
+        out = slurm_cluster.run("scontrol", "--oneliner", "show", "job", str(job_id)).stdout
+        return "Restarts=1" in out and "JobState=PENDING" in out
+
+    wait_until(requeued, 120, "the job to be requeued")
+    # SLURM holds a requeued job for about two minutes (its BeginTime); let it start now.
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    job, output = wait_completed(slurm_cluster, job_id, output_file)
+
+    assert job["Restarts"] == "1"
+    assert "0: stopped by SIGUSR1 at step" in output, output[-3000:]
+    assert f"SLURM job {job_id} requeued" in output
+    assert "(restart 1: resuming from the newest checkpoint)" in output
+    assert "resumed from " in output
+    stopped_at = int(output.split("0: stopped by SIGUSR1 at step ")[1].split(";")[0])
+    assert 0 < stopped_at < STEPS
+    metrics = read_metrics(run_dir / "metrics.json")
+    assert (metrics["world_size"], metrics["steps"]) == (2, STEPS)
+    straight = load_weights(multi_node_run[2] / "model.safetensors")
+    resumed = load_weights(run_dir / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    print(f"job {job_id}: signalled, stopped at step {stopped_at}, requeued, resumed; weights bit-identical")
 
 
 def test_single_node_job_runs_one_cpu_process(slurm_cluster, data_dir, tmp_path):
-    job, output, seconds = submit_and_wait(
-        slurm_cluster, "single_node.sbatch", [], train_args(data_dir, tmp_path / "run"), tmp_path
-    )
+    args = train_args(data_dir, tmp_path / "run")
+    args[args.index("--max-steps") + 1] = "300"
+    job, output, seconds = submit_and_wait(slurm_cluster, "single_node.sbatch", [], args, tmp_path)
     metrics = read_metrics(tmp_path / "run/metrics.json")
     assert (metrics["world_size"], metrics["steps"]) == (1, 300)
     assert metrics["test_accuracy"] > 0.90, metrics
