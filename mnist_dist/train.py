@@ -163,7 +163,7 @@ class Trainer:
         mine = {"interval_loss": self.interval_loss.item(), "interval_steps": self.interval_steps,
                 "epoch_loss": self.epoch_loss.item(), "epoch_steps": self.epoch_steps}
         path = checkpoint.save(self.accelerator, self.run_dir, state, mine, self.cfg.keep_checkpoints)
-        log.info("checkpoint %s saved (epoch %d, step %d)", path, self.progress.epoch, self.progress.step)
+        log.debug("checkpoint %s saved (epoch %d, step %d)", path, self.progress.epoch, self.progress.step)
         return path
 
     def _stopped(self, signum: int) -> Stopped:
