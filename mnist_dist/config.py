@@ -60,7 +60,7 @@ class Config:
     weight_decay: float = _opt(0.0, "L2 weight decay.", min=0.0)
     grad_clip: float | None = _opt(None, "Clip the global gradient norm to this value.", min_exclusive=0.0)
     check_finite: bool = _opt(
-        True, "Stop before any optimizer step whose gradients are not finite (one host sync per step)."
+        True, "Stop before any optimizer step whose loss is not finite on some rank (one host sync per step)."
     )
     # Recipe: schedule, loss, inputs, validation (all off by default: the reference recipe)
     lr_schedule: str = _opt(

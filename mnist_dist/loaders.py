@@ -29,17 +29,22 @@ class TensorImages(Dataset):
         return self.__getitems__([i])
 
     def __getitems__(self, indices) -> Batch:
+        if isinstance(indices, range):  # evenly spaced indices: a view of the images, no gather
+            view = slice(indices.start, indices.stop, indices.step)
+            return self.images[view], self.labels[view], torch.arange(indices.start, indices.stop, indices.step)
         idx = torch.as_tensor(indices, dtype=torch.long)
         idx_here = idx.to(self.images.device, non_blocking=True)
         return self.images[idx_here], self.labels[idx_here], idx
 
 
 class ShardBatches(Sampler):
-    """Batches of a ``DistributedSampler``'s shard, as index tensors.
+    """Batches of a ``DistributedSampler``'s shard, as index tensors or ``range``s.
 
     Same batches as ``BatchSampler(sampler, batch_size, drop_last=False)``, but the
     epoch's order is turned into one tensor and sliced, instead of building a Python
-    list per batch: the loader then costs a few microseconds per step.
+    list per batch: the loader then costs a few microseconds per step. Unshuffled and
+    unpadded, a shard is ``rank, rank + N, rank + 2N, ...``: its batches are then
+    ``range``s, which ``TensorImages`` reads as strided views instead of gathering.
     """
 
     def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
@@ -56,7 +61,21 @@ class ShardBatches(Sampler):
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         skip, self.skip = self.skip, 0
-        return iter(order.split(self.batch_size)[skip:])
+        step = _even_step(order)
+        if step is None:
+            return iter(order.split(self.batch_size)[skip:])
+        first, n, size = int(order[0]), len(order), self.batch_size
+        return (range(first + i * step, first + min(i + size, n) * step, step) for i in range(skip * size, n, size))
+
+
+def _even_step(order: torch.Tensor) -> int | None:
+    """``d`` if ``order`` is ``a, a + d, a + 2d, ...`` with ``d > 0``, else None."""
+    if len(order) < 2:
+        return 1 if len(order) == 1 else None
+    d = int(order[1] - order[0])
+    if d <= 0 or not torch.equal(order, order[0] + d * torch.arange(len(order))):
+        return None
+    return d
 
 
 def _whole_batch(batch: Batch) -> Batch:

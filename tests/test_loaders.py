@@ -64,11 +64,28 @@ def test_to_inputs_scales_to_unit_interval():
     torch.testing.assert_close(x, torch.tensor([[0.0, 1.0, 0.2]]))
 
 
-def test_shard_batches_equal_torch_batch_sampler():
+@pytest.mark.parametrize("n, world, shuffle", [(103, 3, True), (103, 3, False), (96, 3, False), (96, 1, False)])
+def test_shard_batches_equal_torch_batch_sampler(n, world, shuffle):
     from torch.utils.data import BatchSampler, DistributedSampler
 
-    sampler = DistributedSampler(range(103), num_replicas=3, rank=1, shuffle=True, seed=4)
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=world - 1, shuffle=shuffle, seed=4)
     sampler.set_epoch(2)
     expected = [b for b in BatchSampler(sampler, 8, drop_last=False)]
-    got = [b.tolist() for b in ShardBatches(sampler, 8)]
+    got = [[int(i) for i in b] for b in ShardBatches(sampler, 8)]
     assert got == expected and len(ShardBatches(sampler, 8)) == len(expected)
+    batches = ShardBatches(sampler, 8)
+    batches.skip_next(3)
+    assert [[int(i) for i in b] for b in batches] == expected[3:]
+
+
+def test_unshuffled_batches_are_views_not_copies():
+    ds = _dataset(96)
+    for rank in (0, 1):
+        loader = make_loader(ds, 8, num_replicas=2, rank=rank, shuffle=False, seed=0)
+        seen = []
+        for images, labels, idx in loader:
+            for view, whole in ((images, ds.images), (labels, ds.labels)):  # no gather: the same memory
+                assert view.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+            assert torch.equal(images, ds.images[idx]) and torch.equal(labels, ds.labels[idx])
+            seen.append(idx)
+        assert torch.equal(torch.cat(seen), torch.arange(rank, 96, 2))
