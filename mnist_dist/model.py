@@ -32,9 +32,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images ``(N, 28, 28)`` or ``(N, 784)`` (float) to logits ``(N, 10)``."""
         x = x.reshape(x.shape[0], -1)
-        for layer in self.layers[:-1]:
+        *hidden, last = self.layers  # not self.layers[:-1], which builds a new ModuleList per call
+        for layer in hidden:
             x = torch.relu(layer(x))
-        return self.layers[-1](x)
+        return last(x)
 
 
 def hidden_sizes_from_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[int, ...]:

@@ -53,14 +53,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, world_size: int) -> tor
     )
 
 
-def optimizer_calls(optimizer, accelerator):
-    """The ``(zero_grad, step)`` functions of the training loop.
+def step_calls(optimizer, accelerator):
+    """The ``(zero_grad, backward, step)`` functions of the training loop.
 
     Accelerate 1.15's ``AcceleratedOptimizer.step`` looks up an optional package through
-    importlib twice per call (``is_lomo_available``) and ``zero_grad`` inspects a signature
-    per call: about 0.3 ms per step on a 2-core CPU, a third of this model's whole step.
-    When the wrapper has nothing to add (no fp16 grad scaler, no XLA, no gradient
-    accumulation) its calls are exactly the wrapped optimizer's, so use those directly.
+    importlib twice per call (``is_lomo_available``), ``zero_grad`` inspects a signature
+    per call, and ``Accelerator.backward`` divides the loss by the accumulation steps (one
+    more kernel and autograd node, even for 1): about 0.3 ms per step on a 2-core CPU, a
+    third of this model's whole step. When the wrappers have nothing to add (no fp16 grad
+    scaler, no XLA, DeepSpeed or Megatron, no gradient accumulation) their calls are
+    exactly the wrapped ones, so use those directly.
     """
     from accelerate.utils import DistributedType
 
@@ -68,31 +70,32 @@ def optimizer_calls(optimizer, accelerator):
     if (
         inner is None
         or getattr(optimizer, "scaler", None) is not None
-        or accelerator.distributed_type == DistributedType.XLA
+        or accelerator.scaler is not None
+        or accelerator.distributed_type in (DistributedType.XLA, DistributedType.DEEPSPEED,
+                                            DistributedType.MEGATRON_LM)
         or accelerator.gradient_accumulation_steps != 1
     ):
-        return (lambda: optimizer.zero_grad(set_to_none=True)), optimizer.step
-    return (lambda: inner.zero_grad(set_to_none=True)), inner.step
+        return (lambda: optimizer.zero_grad(set_to_none=True)), accelerator.backward, optimizer.step
+    return (lambda: inner.zero_grad(set_to_none=True)), (lambda loss: loss.backward()), inner.step
 
 
 class NonFiniteError(RuntimeError):
     """Training diverged: the gradients of a step are NaN or infinite."""
 
 
-def check_gradients(model: torch.nn.Module, cfg: Config, progress: Progress) -> None:
+def check_gradients(params: list[torch.nn.Parameter], cfg: Config, progress: Progress) -> None:
     """Clip the gradients if asked; refuse non-finite ones before the optimizer step.
 
     The gradients are already averaged over ranks (DDP's all-reduce), and one rank's NaN
     makes the average NaN everywhere: every rank reaches the same verdict at the same
     step, with no extra collective. Without clipping the check reads only the output
-    layer's bias gradient (10 numbers, the last parameter): for cross-entropy it is
+    layer's bias gradient (10 numbers, the last of ``params``): for cross-entropy it is
     ``mean(softmax(logits) - target)``, non-finite exactly when some rank's logits, and so
     its loss, are. A full gradient norm would cost this model a tenth of its step; with
     clipping it is computed anyway, and checked.
     """
     if not (cfg.check_finite or cfg.grad_clip):
         return
-    params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if cfg.grad_clip else None
     probe = params[-1].grad if norm is None else norm
     if cfg.check_finite and not bool(torch.isfinite(probe).all()):
@@ -200,7 +203,8 @@ class Trainer:
         """
         cfg, p, accelerator = self.cfg, self.progress, self.accelerator
         self.model.train()
-        zero_grad, step = optimizer_calls(self.optimizer, self.accelerator)
+        zero_grad, backward, step = step_calls(self.optimizer, self.accelerator)
+        params = list(self.model.parameters())  # every one gets a gradient
         shard_sampler(self.train_loader).set_epoch(p.epoch)
         self.train_loader.batch_sampler.skip_next(p.batch)  # resumed mid-epoch: the batches not yet seen
         left = len(self.train_loader) - p.batch
@@ -213,8 +217,8 @@ class Trainer:
             loss = F.cross_entropy(self.model(self.recipe.inputs(images, indices)), labels,
                                    label_smoothing=cfg.label_smoothing)
             zero_grad()
-            accelerator.backward(loss)
-            check_gradients(self.model, cfg, p)
+            backward(loss)
+            check_gradients(params, cfg, p)
             step()
             self.recipe.after_step()
             p.step += 1

@@ -98,13 +98,14 @@ def test_check_gradients_clips_and_refuses_nan():
     model = torch.nn.Linear(3, 2)
     for p in model.parameters():
         p.grad = torch.full_like(p, 10.0)
-    check_gradients(model, Config(grad_clip=1.0), Progress())
+    params = list(model.parameters())
+    check_gradients(params, Config(grad_clip=1.0), Progress())
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     assert norm == pytest.approx(1.0, rel=1e-5)
     model.bias.grad[0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"not finite at step 8 \(epoch 2\).*--grad-clip"):
-        check_gradients(model, Config(), Progress(step=7, epoch=1))
-    check_gradients(model, Config(check_finite=False), Progress())  # opted out: no check
+        check_gradients(params, Config(), Progress(step=7, epoch=1))
+    check_gradients(params, Config(check_finite=False), Progress())  # opted out: no check
 
 
 @pytest.mark.multiprocess
