@@ -17,6 +17,7 @@ import logging
 import netrc
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ class Tracker:
         self.is_main = accelerator.is_main_process
         self.wandb_on = False
         self._history = None
+        self._starting: threading.Thread | None = None
+        self._start_error: Exception | None = None
         self._resumed_id = None
         self._last_step = 0
         self._start = time.time()
@@ -114,11 +117,28 @@ class Tracker:
         if not wandb_installed():
             log.warning("tracker 'wandb': the wandb package is not installed; continuing with tracker 'none'")
             return
+        # wandb's import and start (about a second, most of it waiting for its service
+        # process) overlap the data loading and model set-up; ``started()`` waits for them.
+        self._starting = threading.Thread(target=self._start_wandb, args=(config,), name="wandb-start", daemon=True)
+        self._starting.start()
+
+    def _start_wandb(self, config: dict[str, Any]) -> None:
         try:
             init_kwargs = self._init_kwargs()
             self.accelerator.init_trackers(self.cfg.wandb_project, config=config, init_kwargs={"wandb": init_kwargs})
         except Exception as exc:  # wandb must never stop training
-            self._fail("start", exc)
+            self._start_error = exc
+
+    def started(self) -> None:
+        """Wait until wandb has started (or failed to: one warning). Every use of wandb calls this first;
+        the training loop calls it before its first step."""
+        if self._starting is None:
+            return
+        self._starting.join()
+        self._starting = None
+        if self._start_error is not None:
+            self._fail("start", self._start_error)
+            self._start_error = None
             return
         self.wandb_on = any(t.name == "wandb" for t in self.accelerator.trackers)
 
@@ -150,6 +170,7 @@ class Tracker:
     @property
     def run_id(self) -> str | None:
         """The wandb run's id (main process, wandb on), kept in checkpoints to continue the run."""
+        self.started()
         if not self.wandb_on:
             return None
         return self.accelerator.get_tracker("wandb", unwrap=True).id
@@ -166,6 +187,7 @@ class Tracker:
         """Final metrics, confusion matrix and misclassified digits: to the run directory and wandb."""
         if not self.is_main:
             return
+        self.started()
         import safetensors.torch
 
         from .runs import atomic_write_bytes
@@ -196,6 +218,7 @@ class Tracker:
 
     def end(self) -> None:
         """Close the trackers (wandb waits at most FINISH_TIMEOUT to upload). Every rank calls this last."""
+        self.started()
         try:
             self.accelerator.end_training()
         except Exception as exc:
@@ -210,6 +233,7 @@ class Tracker:
         step = max(step, self._last_step)  # wandb drops a step lower than the last one
         self._last_step = step
         self._write({"kind": kind, "step": step, **metrics})
+        self.started()
         if self.wandb_on:
             try:
                 self.accelerator.log(metrics, step=step)

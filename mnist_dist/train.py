@@ -265,6 +265,7 @@ class Trainer:
             cfg.dataset, self.world, self.accelerator.device.type, self.global_batch, self.per_process, self.lr,
             f"{cfg.epochs} epochs" if cfg.max_steps is None else f"{cfg.epochs} epochs or {cfg.max_steps} steps",
         )
+        self.tracker.started()  # not during the training steps: wandb's start would compete for the CPU
         result = None
         while p.epoch < cfg.epochs and not self._reached_max():
             epoch_start = time.perf_counter()

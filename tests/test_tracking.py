@@ -228,6 +228,7 @@ def test_a_wandb_failure_mid_run_is_one_warning(tmp_path, monkeypatch, caplog):
     accelerator = Accelerator(cpu=True, log_with="wandb")
     tracker = Tracker(cfg, accelerator, tmp_path)
     tracker.start({"lr": 0.5})
+    tracker.started()  # wandb starts in the background
     assert tracker.wandb_on
     run = accelerator.get_tracker("wandb", unwrap=True)
 
