@@ -16,6 +16,7 @@ timeout 150 python -m pytest -q -x -m "not multiprocess" -p no:cacheprovider | t
 # Reference recipe on the GPU: eager, bf16, and compiled with CUDA graphs.
 for variant in "eager:" "bf16:--mixed-precision bf16" "cudagraphs:--compile reduce-overhead --no-check-finite"; do
     name=${variant%%:*}; args=${variant#*:}
+    rm -rf "${OUT:?}/$name"  # a fresh run each time, not a resumed one
     # shellcheck disable=SC2086
     timeout 120 python -m mnist_dist.train --config configs/train/reference.yaml --no-cpu --tracker none \
         $args --output-dir "$OUT/$name" | tail -1

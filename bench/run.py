@@ -63,7 +63,7 @@ def measure(cmd: list[str], kind: str, env: dict) -> dict:
             result.update(accuracy=data["accuracy"], train=data["train_seconds"], eval=data["eval_seconds"])
         elif kind == "run":
             m = json.loads((Path(out) / "metrics.json").read_text())
-            result.update(accuracy=m["test_accuracy"], train=m["train_seconds"],
+            result.update(accuracy=m["test_accuracy"], train=m["train_seconds"], eval=m["eval_seconds"],
                           samples_per_second=m["steps"] * m["global_batch_size"] / m["train_seconds"])
         if "train" in result and "samples_per_second" not in result:
             result["samples_per_second"] = TRAIN_SAMPLES / result["train"]
@@ -125,7 +125,20 @@ def main() -> None:
                   f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python "
                   f"{platform.python_version()}, torch {__import__('torch').__version__}; medians of "
                   f"{args.repeats} interleaved rounds.\n\nCommand: `python bench/run.py --repeats {args.repeats}`\n\n")
-        Path(args.write).write_text(header + text + "\n")
+        write_between_markers(Path(args.write), header + text + "\n")
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Put ``text`` between the markers of ``path``, keeping the rest (the analysis) as it is."""
+    old = path.read_text() if path.exists() else f"{START}\n{END}\n"
+    if START not in old or END not in old:
+        old = f"{START}\n{END}\n\n{old}"
+    before, rest = old.split(START, 1)
+    after = rest.split(END, 1)[1]
+    path.write_text(f"{before}{START}\n{text}{END}{after}")
 
 
 if __name__ == "__main__":

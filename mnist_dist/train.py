@@ -255,7 +255,11 @@ class Trainer:
         return mean, signum
 
     def _evaluate(self) -> EvalResult:
-        return evaluate(self.recipe.inference_model(self.model, self.accelerator), self.test_loader, self.accelerator)
+        start = time.perf_counter()
+        result = evaluate(self.recipe.inference_model(self.model, self.accelerator), self.test_loader,
+                          self.accelerator)
+        self.eval_seconds = time.perf_counter() - start
+        return result
 
     def fit(self) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
         """Train and evaluate after every epoch; return the unwrapped model, metrics, last evaluation."""
@@ -294,6 +298,7 @@ class Trainer:
             "eval_split": split,
             "world_size": self.world,
             "train_seconds": p.train_seconds,
+            "eval_seconds": self.eval_seconds,  # the last evaluation of the whole evaluation set
             "epochs": p.epoch,
             "steps": p.step,
             "global_batch_size": self.global_batch,
