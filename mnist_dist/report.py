@@ -113,13 +113,15 @@ def plot_curves(history: dict[str, Any], path: Path, title: str) -> None:
     steps, epochs = history["step"], history["epoch"]
     if not steps and not epochs:
         raise ReportError("the history holds no training records yet")
+    # A run with --val-size evaluates on its validation hold-out: "val/..." instead of "test/...".
+    split = "val" if epochs and "val/loss" in epochs[0] else "test"
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     if steps:
         ax_loss.plot([r["step"] for r in steps], [r["train/loss"] for r in steps], lw=1.2,
                      label="train loss (mean of each log interval)")
     if epochs:
-        ax_loss.plot([r["step"] for r in epochs], [r["test/loss"] for r in epochs], "o-", lw=1.5,
-                     label="test loss (end of epoch)")
+        ax_loss.plot([r["step"] for r in epochs], [r[f"{split}/loss"] for r in epochs], "o-", lw=1.5,
+                     label=f"{split} loss (end of epoch)")
     ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy loss (log scale)", yscale="log", title="Loss")
     # Plain numbers (0.2, not 2x10^-1); between powers of ten only 2 and 5 are labelled, so labels never crowd.
     ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -128,14 +130,14 @@ def plot_curves(history: dict[str, Any], path: Path, title: str) -> None:
     ax_loss.legend()
     if epochs:
         x = [r["epoch"] for r in epochs]
-        acc = [100 * r["test/accuracy"] for r in epochs]
+        acc = [100 * r[f"{split}/accuracy"] for r in epochs]
         ax_acc.plot(x, acc, "o-", color="tab:green")
         for xi, a in zip(x, acc):
             ax_acc.annotate(f"{a:.2f}", (xi, a), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
         ax_acc.set_xticks(x)
         low, high = min(acc), max(acc)
         ax_acc.set_ylim(low - max(0.3, (high - low) * 0.15), min(100, high + max(0.3, (high - low) * 0.15)))
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy after each epoch")
+    ax_acc.set(xlabel="epoch", ylabel=f"{split} accuracy (%)", title=f"{split.capitalize()} accuracy after each epoch")
     ax_acc.grid(True, alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

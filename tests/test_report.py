@@ -85,3 +85,14 @@ def test_report_command(finished_run, tmp_path):
     assert result.exit_code == 1
     assert result.output.splitlines() == [
         f"Error: {empty / 'history.jsonl'} does not exist: pass the --output-dir of a training run"]
+
+
+def test_report_of_a_run_evaluated_on_a_validation_split(tmp_path, data_dir):
+    """A --val-size run logs val/... instead of test/...; its report says so."""
+    from conftest import run_cli
+
+    proc = run_cli(["mnist_dist.train", "--max-steps", "60", "--log-every", "10", "--val-size", "1000",
+                    "--tracker", "none", "--data-dir", str(data_dir), "--output-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    paths = write_report(tmp_path)
+    assert [p.name for p in paths] == [CURVES_FILE, CONFUSION_FILE, GRID_FILE]
