@@ -6,9 +6,11 @@ Every config key gets an option (``batch_size`` -> ``--batch-size``, booleans as
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -152,5 +154,39 @@ from .predict_cli import export_command, predict_command  # noqa: E402
 main.add_command(predict_command)
 main.add_command(export_command)
 
+def run_as_process(command: click.Command, **kwargs: Any) -> NoReturn:
+    """Run a command as the whole process (console script, ``python -m``) and exit without
+    tearing the interpreter down.
+
+    By then every file the command writes is written and closed (atomically, fsynced),
+    wandb is finished and the process group ended. What normal exit would still do is
+    free, one by one, the objects that torch, torch._dynamo and accelerate create at
+    import: about a second on a 2-core machine, measured side by side (wall time 0.77x
+    for import + exit), a sixth of a whole 10-epoch run. atexit handlers still run, and
+    the output streams are flushed. In-process callers (tests, notebooks) call the
+    command itself and are not affected.
+    """
+    try:
+        command.main(**kwargs)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry_point() -> NoReturn:
+    """The ``mnist-dist`` console script."""
+    run_as_process(main, prog_name="mnist-dist")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

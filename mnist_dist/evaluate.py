@@ -120,6 +120,6 @@ def run_evaluation(cfg, weights: str, output: str | None = None) -> dict[str, An
 
 
 if __name__ == "__main__":
-    from .cli import eval_command
+    from .cli import eval_command, run_as_process
 
-    eval_command(prog_name="python -m mnist_dist.evaluate")
+    run_as_process(eval_command, prog_name="python -m mnist_dist.evaluate")

@@ -356,6 +356,6 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from .cli import train_command
+    from .cli import run_as_process, train_command
 
-    train_command(prog_name="python -m mnist_dist.train")
+    run_as_process(train_command, prog_name="python -m mnist_dist.train")
