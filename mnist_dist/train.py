@@ -157,8 +157,8 @@ class Trainer:
         self.epoch_loss.fill_(mine["epoch_loss"])
         self.interval_steps, self.epoch_steps = mine["interval_steps"], mine["epoch_steps"]
         p = self.progress
-        log.info("resumed from %s: epoch %d, step %d (%d batches into epoch %d)",
-                 path, p.epoch, p.step, p.batch, p.epoch + 1)
+        where = f"{p.batch} batches into epoch {p.epoch + 1}" if p.batch else f"{p.epoch} epochs done"
+        log.info("resumed from %s: step %d, %s", path, p.step, where)
 
     def save_checkpoint(self):
         """Save where training is now (a collective: every rank calls it at the same step)."""
@@ -264,11 +264,14 @@ class Trainer:
     def fit(self) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
         """Train and evaluate after every epoch; return the unwrapped model, metrics, last evaluation."""
         cfg, p, split = self.cfg, self.progress, self.split
-        log.info(
-            "training %s on %d process(es) (%s): global batch %d (%d per process), lr %g, %s",
-            cfg.dataset, self.world, self.accelerator.device.type, self.global_batch, self.per_process, self.lr,
-            f"{cfg.epochs} epochs" if cfg.max_steps is None else f"{cfg.epochs} epochs or {cfg.max_steps} steps",
-        )
+        if p.epoch >= cfg.epochs or self._reached_max():
+            log.info("training ended at this checkpoint (step %d): evaluating it", p.step)
+        else:
+            log.info(
+                "training %s on %d process(es) (%s): global batch %d (%d per process), lr %g, %s",
+                cfg.dataset, self.world, self.accelerator.device.type, self.global_batch, self.per_process, self.lr,
+                f"{cfg.epochs} epochs" if cfg.max_steps is None else f"{cfg.epochs} epochs or {cfg.max_steps} steps",
+            )
         self.tracker.started()  # not during the training steps: wandb's start would compete for the CPU
         result = None
         while p.epoch < cfg.epochs and not self._reached_max():
