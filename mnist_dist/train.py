@@ -96,14 +96,15 @@ def check_gradients(params: list[torch.nn.Parameter], cfg: Config, progress: Pro
     """
     if not (cfg.check_finite or cfg.grad_clip):
         return
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if cfg.grad_clip else None
+    def grad_norm() -> torch.Tensor:
+        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+    norm = grad_norm() if cfg.grad_clip else None
     probe = params[-1].grad if norm is None else norm
     if cfg.check_finite and not bool(torch.isfinite(probe).all()):
-        if norm is None:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         raise NonFiniteError(
             f"the loss is not finite at step {progress.step + 1} (epoch {progress.epoch + 1}): gradient norm "
-            f"{float(norm)}; training stopped before that step changed the weights. Lower the learning "
+            f"{float(grad_norm() if norm is None else norm)}; training stopped before that step changed the weights. Lower the learning "
             f"rate (lr is {cfg.lr}) or clip gradients, e.g. --grad-clip 1.0"
         )
     if cfg.grad_clip:
@@ -194,6 +195,10 @@ class Trainer:
     def _reached_max(self) -> bool:
         return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
 
+    def _finished(self) -> bool:
+        """All epochs done, or ``max_steps`` reached."""
+        return self.progress.epoch >= self.cfg.epochs or self._reached_max()
+
     def _train_epoch(self) -> tuple[float, int | None]:
         """Train the rest of the current epoch (or up to ``max_steps``).
 
@@ -264,7 +269,7 @@ class Trainer:
     def fit(self) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
         """Train and evaluate after every epoch; return the unwrapped model, metrics, last evaluation."""
         cfg, p, split = self.cfg, self.progress, self.split
-        if p.epoch >= cfg.epochs or self._reached_max():
+        if self._finished():
             log.info("training ended at this checkpoint (step %d): evaluating it", p.step)
         else:
             log.info(
@@ -274,7 +279,7 @@ class Trainer:
             )
         self.tracker.started()  # not during the training steps: wandb's start would compete for the CPU
         result = None
-        while p.epoch < cfg.epochs and not self._reached_max():
+        while not self._finished():
             epoch_start = time.perf_counter()
             train_loss, signum = self._train_epoch()
             p.epoch += 1
@@ -287,7 +292,7 @@ class Trainer:
                 "epoch": p.epoch, "train/epoch_loss": train_loss, f"{split}/accuracy": result.accuracy,
                 f"{split}/loss": result.loss, "epoch_seconds": time.perf_counter() - epoch_start,
             })
-            last = p.epoch == cfg.epochs or self._reached_max()
+            last = self._finished()
             if signum is not None and not last:
                 raise self._stopped(signum)
             if last or self._checkpoint_due() or (
