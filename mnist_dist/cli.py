@@ -17,13 +17,14 @@ import click
 from .checkpoint import CheckpointError
 from .config import FIELDS, ConfigError, build_config, field_type
 from .data import DataError
-from .runs import RunDirError
+from .runs import RunDirError, WeightsChangedError
 
 from .preempt import Stopped
 from .train import NonFiniteError
 
 # Errors whose message is the whole story: shown as one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError, CheckpointError,
+               WeightsChangedError)
 
 
 class _OneLineErrors:
@@ -106,7 +107,8 @@ def train_command(config_path: str | None, **overrides: Any) -> None:
 
 
 @click.command("eval", cls=Command)
-@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="model.safetensors to evaluate.")
+@click.option("--weights", required=True, type=click.Path(),
+              help="model.safetensors to evaluate, or a run directory (its weights, checksum verified).")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write metrics (with confusion matrix) as JSON here.")
 @config_options
 def eval_command(weights: str, output: str | None, config_path: str | None, **overrides: Any) -> None:
@@ -135,6 +137,29 @@ def download_command(dataset: str, data_dir: str, replace_corrupt: bool) -> None
     click.echo(f"{dataset}: all files verified in {raw}")
 
 
+@click.group("checkpoints")
+def checkpoints_group() -> None:
+    """Inspect a run's checkpoints."""
+
+
+@checkpoints_group.command("verify")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def verify_command(run_dir: str) -> None:
+    """Check every checkpoint and the final weights of RUN_DIR against their checksums.
+
+    Exit status 1 if the newest checkpoint or the final weights cannot be used.
+    """
+    from pathlib import Path
+
+    from .checkpoint import verify_run
+
+    lines, ok = verify_run(Path(run_dir))
+    for line in lines:
+        click.echo(line)
+    if not ok:
+        sys.exit(1)
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="mnist-dist")
 def main() -> None:
@@ -144,6 +169,7 @@ def main() -> None:
 main.add_command(train_command)
 main.add_command(eval_command)
 main.add_command(data_group)
+main.add_command(checkpoints_group)
 
 from .report import report_command  # noqa: E402  (its own module; registered like the others)
 

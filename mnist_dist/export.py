@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .model import MLP
-from .runs import atomic_write_bytes
+from .runs import atomic_write_bytes, weights_file
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 # torch.onnx.export (the torch.export-based exporter, the default since torch 2.9) needs these.
@@ -30,7 +30,7 @@ class ExportError(RuntimeError):
 
 def default_output(weights: str | os.PathLike, fmt: str) -> Path:
     """Where an export goes unless told otherwise: beside the weights, e.g. ``model.pt``."""
-    return Path(weights).with_suffix(FORMATS[fmt])
+    return weights_file(weights).with_suffix(FORMATS[fmt])
 
 
 def _example() -> torch.Tensor:

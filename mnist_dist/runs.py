@@ -2,11 +2,14 @@
 
 A run directory holds ``config.yaml`` (the merged config), ``metrics.json`` and
 ``model.safetensors`` (the MLP's state dict). A crash mid-write leaves the previous
-file intact, never a half-written one.
+file intact, never a half-written one. ``metrics.json`` records the SHA-256 of the
+weights written (``weights_sha256``): loading a run's weights checks it, so a file that
+changed after training is refused instead of silently used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,23 +57,85 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Save a state dict as safetensors (no pickle: loading it can run no code)."""
+def sha256_stream(fh, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of what is left to read in a binary file object, read in chunks."""
+    digest = hashlib.sha256()
+    while block := fh.read(chunk):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    with open(path, "rb") as fh:
+        return sha256_stream(fh)
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> str:
+    """Save a state dict as safetensors (no pickle: loading it can run no code); return the bytes' SHA-256."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    atomic_write_bytes(path, save(tensors))
+    data = save(tensors)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+class WeightsChangedError(ValueError):
+    """A run's weights file no longer matches the checksum its run recorded."""
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """The weights a path names: the file itself, or a run directory's ``model.safetensors``."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"run directory {p} has no {WEIGHTS_FILE} (its training has not finished)")
+        return p / WEIGHTS_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {p} does not exist (a run writes {WEIGHTS_FILE} in its --output-dir)")
+    return p
+
+
+def recorded_sha256(weights: Path) -> str | None:
+    """The SHA-256 that the run beside ``weights`` recorded for it in ``metrics.json``, if any."""
+    metrics = weights.parent / METRICS_FILE
+    if weights.name != WEIGHTS_FILE or not metrics.is_file():
+        return None
+    try:
+        return json.loads(metrics.read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def weights_problem(weights: Path, data: bytes | None = None) -> tuple[str | None, bool]:
+    """``(what is wrong with a run's weights file or None, whether a checksum was recorded)``."""
+    expected = recorded_sha256(weights)
+    if expected is None:
+        return None, False
+    actual = hashlib.sha256(weights.read_bytes() if data is None else data).hexdigest()
+    if actual == expected:
+        return None, True
+    return (f"{weights} does not match the SHA-256 its run recorded in {weights.parent / METRICS_FILE} "
+            f"({actual[:12]}..., {expected[:12]}... was written): the file changed after training"), True
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors state dict, with an error that names the file if it is not one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Load a safetensors state dict from a weights file or a run directory.
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file {p} does not exist (a run writes {WEIGHTS_FILE} in its --output-dir)")
+    A run's own ``model.safetensors`` (one with the run's ``metrics.json`` beside it) is
+    verified against the checksum recorded there, and refused if it changed; a bare
+    weights file elsewhere is loaded as it is.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    p = weights_file(path)
+    data = p.read_bytes()
+    problem, _ = weights_problem(p, data)
+    if problem:
+        raise WeightsChangedError(f"{problem}; retrain, or restore it from a copy you trust")
     try:
-        return load_file(str(p))
+        return load(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{p} is not a safetensors weights file ({exc})") from None

@@ -46,3 +46,48 @@ def test_unwritable_run_dir_is_reported(tmp_path):
     with pytest.raises(RunDirError, match="not writable"):
         prepare_run_dir(tmp_path / "f" / "run")
     assert prepare_run_dir(tmp_path / "new" / "run").is_dir()
+
+
+def _run_with_weights(run_dir):
+    """A run directory as training leaves it: weights and the checksum metrics.json records for them."""
+    import json
+
+    run_dir.mkdir()
+    state = {"layers.0.weight": torch.randn(4, 3), "layers.0.bias": torch.randn(4)}
+    digest = save_weights(state, run_dir / "model.safetensors")
+    (run_dir / "metrics.json").write_text(json.dumps({"test_accuracy": 0.9, "weights_sha256": digest}))
+    return state
+
+
+def test_a_run_directory_names_its_weights_and_they_are_verified(tmp_path):
+    from mnist_dist.runs import sha256_file
+
+    state = _run_with_weights(tmp_path / "run")
+    assert sha256_file(tmp_path / "run/model.safetensors") == __import__("json").loads(
+        (tmp_path / "run/metrics.json").read_text())["weights_sha256"]  # the checksum is of the bytes written
+    for path in (tmp_path / "run", tmp_path / "run/model.safetensors"):
+        loaded = load_weights(path)
+        assert all(torch.equal(state[k], loaded[k]) for k in state)
+
+
+def test_a_changed_byte_in_a_runs_weights_is_refused_but_a_bare_copy_loads(tmp_path):
+    import shutil
+
+    from mnist_dist.runs import WeightsChangedError
+
+    _run_with_weights(tmp_path / "run")
+    weights = tmp_path / "run/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # inside the last float: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    for path in (tmp_path / "run", weights):
+        with pytest.raises(WeightsChangedError, match=r"model.safetensors does not match the SHA-256 its run "
+                                                      r"recorded in .*metrics.json .*changed after training"):
+            load_weights(path)
+    shutil.copy(weights, tmp_path / "copy.safetensors")  # a bare file: loaded as it is
+    assert set(load_weights(tmp_path / "copy.safetensors")) == {"layers.0.weight", "layers.0.bias"}
+
+
+def test_a_run_directory_without_weights_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        load_weights(tmp_path)
