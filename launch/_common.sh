@@ -34,12 +34,15 @@ else
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
-# Preemption. SLURM sends SIGUSR1 (#SBATCH --signal) to every process of the job step.
-# The launcher must outlive the training processes while they save a checkpoint: a
-# single-process `accelerate launch` ignores SIGUSR1 (the scripts' trap, kept across exec),
-# and torchrun's agent, which takes over its own signal handling, is told to pass SIGUSR1
-# on to the workers like SIGTERM and to wait for them. The training processes act on it.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+# Preemption. SLURM sends SIGUSR1 (#SBATCH --signal) before the time limit; depending on how
+# the cluster tracks processes it reaches every process of the job step or only the
+# launcher. The launcher must pass it on to the training processes and outlive them while
+# they save a checkpoint. `accelerate launch` runs torch's elastic agent, which reads its
+# options from PET_* variables: SIGUSR1 joins the signals it forwards to the workers, and
+# it waits up to PET_SHUTDOWN_TIMEOUT seconds for them to exit (less than the 120 s notice).
+# (TORCHELASTIC_SIGNALS_TO_HANDLE would not do: the agent overwrites it with this option.)
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-100}
 # Outside a SLURM job (running a script with bash to try it) there is no job step to start.
 if [ -n "${SLURM_JOB_ID:-}" ]; then JOB_STEP=(srun --ntasks=1); else JOB_STEP=(); fi
 RESTART_NOTE=""

@@ -12,14 +12,13 @@ The digit grid needs only Pillow (training sends it to wandb too); the charts ne
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
-from .tracking import HISTORY_FILE, MISCLASSIFIED_FILE
+from .tracking import HISTORY_FILE, MISCLASSIFIED_FILE, one_timeline, read_history
 
 CURVES_FILE, CONFUSION_FILE, GRID_FILE = "curves.png", "confusion_matrix.png", "misclassified.png"
 
@@ -29,18 +28,20 @@ class ReportError(ValueError):
 
 
 def load_history(run_dir: Path) -> dict[str, Any]:
-    """The records of ``history.jsonl``: config, step and epoch lists, and the final summary."""
+    """The records of ``history.jsonl``: config, step and epoch lists, and the final summary.
+
+    Records that a resume superseded (logged by a timeline that crashed after its last
+    checkpoint) are left out, so each step appears once.
+    """
     path = Path(run_dir) / HISTORY_FILE
     if not path.is_file():
         raise ReportError(f"{path} does not exist: pass the --output-dir of a training run")
     out: dict[str, Any] = {"config": {}, "step": [], "epoch": [], "summary": None}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ReportError(f"{path} line {number} is not JSON") from None
+    try:
+        records = read_history(path)
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
+    for record in one_timeline(records):  # a resumed run reads as one run
         kind = record.get("kind")
         if kind == "config":
             out["config"] = record.get("config", {})

@@ -1,8 +1,12 @@
 """What a run records: Weights & Biases through Accelerate's trackers, and the run's own history file.
 
 ``RUN_DIR/history.jsonl`` is written by the main process whatever the tracker: one JSON
-object a line (``kind`` config, step, epoch or summary), the source of ``mnist-dist
+object a line (``kind`` config, resume, step, epoch or summary), the source of ``mnist-dist
 report``. ``RUN_DIR/misclassified.safetensors`` keeps the first misclassified test digits.
+
+A resumed run reads as one run: the history is cut back to the checkpoint's step (what a
+crashed timeline logged after it is dropped, then logged again), and the same wandb run
+goes on, rewound to that step when it had gone past it (wandb's ``resume_from``).
 
 wandb is imported only when the tracker is wandb, and only the main process talks to it.
 It must never stop training: a failure becomes one warning and tracking goes on in
@@ -17,6 +21,8 @@ import logging
 import netrc
 import os
 import platform
+import secrets
+import string
 import threading
 import time
 from pathlib import Path
@@ -24,6 +30,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
+
+from .runs import atomic_write_bytes
 
 log = logging.getLogger("mnist_dist")
 
@@ -76,6 +84,51 @@ def run_config(cfg, accelerator) -> dict[str, Any]:
             "device": accelerator.device.type, "versions": versions}
 
 
+def new_run_id() -> str:
+    """A fresh wandb run id (8 lowercase letters and digits, as wandb makes them), without importing wandb."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The records of a history file; a last line cut short by a crash is ignored. Empty if there is no file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # written half-way when the process died
+                break
+            raise ValueError(f"{path} line {number} is not JSON") from None
+    return records
+
+
+def rewind(records: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    """The history as it stood at optimizer step ``step``: later records and any final summary dropped."""
+    return [r for r in records if r.get("kind") != "summary" and r.get("step", 0) <= step]
+
+
+def one_timeline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A history with what every resume superseded removed: each ``resume`` record rewinds what came before it."""
+    out: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("kind") == "resume":
+            out = rewind(out, record["step"])
+        out.append(record)
+    return out
+
+
+def last_logged_step(records: list[dict[str, Any]]) -> int:
+    """The highest step a history logged metrics at (wandb saw the same steps)."""
+    return max((r["step"] for r in one_timeline(records) if r.get("kind") in ("step", "epoch")), default=0)
+
+
 def misclassified_examples(predictions: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
                            limit: int = MAX_MISCLASSIFIED) -> dict[str, torch.Tensor]:
     """The first ``limit`` wrongly predicted images (dataset order), on the CPU."""
@@ -91,27 +144,34 @@ class Tracker:
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, Path(run_dir)
         self.is_main = accelerator.is_main_process
         self.wandb_on = False
+        self.wandb_id: str | None = None  # the wandb run this run logs to (main process)
+        self._wandb_how = "new"  # new, resume (continue it) or rewind (to _last_step, then continue)
         self._history = None
         self._starting: threading.Thread | None = None
         self._start_error: Exception | None = None
-        self._resumed_id = None
         self._last_step = 0
         self._start = time.time()
 
-    def start(self, config: dict[str, Any], resumed: dict[str, Any] | None = None) -> None:
+    def start(self, config: dict[str, Any], resumed: dict[str, Any] | None = None,
+              checkpoint: Path | None = None) -> None:
         """Open the history file and start wandb if asked for.
 
-        A fresh run starts the history afresh; a run resumed from a checkpoint (``resumed``:
-        its trainer state) appends to it and continues the same wandb run.
+        A fresh run starts the history afresh. A run resumed from ``checkpoint`` (``resumed``:
+        its trainer state) keeps the history up to the checkpoint's step and continues the
+        checkpoint's wandb run, rewinding it if a lost timeline had logged past that step.
         """
         if not self.is_main:
             return
-        self._resumed_id = resumed and resumed.get("wandb_run_id")
-        self._history = open(self.run_dir / HISTORY_FILE, "a" if resumed else "w", encoding="utf-8")
+        path = self.run_dir / HISTORY_FILE
+        previous = read_history(path)
+        self._last_step = resumed["progress"]["step"] if resumed else 0
+        self.wandb_id, self._wandb_how = self._wandb_run(resumed, previous, checkpoint)
+        kept = rewind(one_timeline(previous), self._last_step) if resumed else []
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self._history = open(path, "a", encoding="utf-8")
         if resumed:
-            self._last_step = resumed["progress"]["step"]
             self._write({"kind": "resume", "step": self._last_step})
-        self._write({"kind": "config", "config": config})
+        self._write({"kind": "config", "config": config, "wandb_run_id": self.wandb_id})
         if self.cfg.tracker != "wandb":
             return
         if not wandb_installed():
@@ -122,10 +182,41 @@ class Tracker:
         self._starting = threading.Thread(target=self._start_wandb, args=(config,), name="wandb-start", daemon=True)
         self._starting.start()
 
+    def _wandb_run(self, resumed: dict[str, Any] | None, previous: list[dict[str, Any]],
+                   checkpoint: Path | None) -> tuple[str | None, str]:
+        """``(wandb run id, how to start it)``: the checkpoint's run, the run of an attempt that
+        died before its first checkpoint (same command again), or a new one."""
+        if self.cfg.tracker != "wandb":
+            return None, "new"
+        at = self._last_step
+        if resumed and resumed.get("wandb_run_id"):
+            histories = [previous]
+            if checkpoint is not None and Path(checkpoint).resolve().parents[1] != self.run_dir.resolve():
+                histories.append(read_history(Path(checkpoint).parents[1] / HISTORY_FILE))  # resumed from elsewhere
+            logged = max(last_logged_step(h) for h in histories)
+            return resumed["wandb_run_id"], "rewind" if logged > at else "resume"
+        earlier = [r for r in previous if r.get("kind") == "config" and r.get("wandb_run_id")]
+        unfinished = not any(r.get("kind") == "summary" for r in previous)
+        if not resumed and self.cfg.resume == "auto" and earlier and unfinished:
+            return earlier[-1]["wandb_run_id"], "rewind" if last_logged_step(previous) > 0 else "resume"
+        return new_run_id(), "new"
+
     def _start_wandb(self, config: dict[str, Any]) -> None:
         try:
             init_kwargs = self._init_kwargs()
-            self.accelerator.init_trackers(self.cfg.wandb_project, config=config, init_kwargs={"wandb": init_kwargs})
+            try:
+                self.accelerator.init_trackers(self.cfg.wandb_project, config=config,
+                                               init_kwargs={"wandb": init_kwargs})
+            except Exception as exc:
+                if "resume_from" not in init_kwargs:
+                    raise
+                # Rewinding is a newer wandb feature, not on every server or account: continue the run instead.
+                log.warning("wandb could not rewind run %s to step %d (%s); continuing it instead: wandb keeps "
+                            "what it got past that step and ignores the repeated steps until they pass it",
+                            self.wandb_id, self._last_step, str(exc).strip().splitlines()[0] if str(exc) else exc)
+                init_kwargs = {k: v for k, v in init_kwargs.items() if k != "resume_from"}
+                self.accelerator.init_trackers(self.cfg.wandb_project, config=config, init_kwargs={
+                    "wandb": {**init_kwargs, "id": self.wandb_id, "resume": "allow"}})
         except Exception as exc:  # wandb must never stop training
             self._start_error = exc
 
@@ -157,8 +248,12 @@ class Tracker:
             "dir": str(wandb_dir), "entity": self.cfg.wandb_entity, "name": self.cfg.wandb_run_name,
             "group": self.cfg.wandb_group or default_group(self.run_dir), "tags": list(self.cfg.wandb_tags),
         }
-        if self._resumed_id:  # the same wandb run goes on
-            kwargs.update(id=self._resumed_id, resume="allow")
+        if self._wandb_how == "rewind":  # the run had gone past this step: cut it back, then go on
+            kwargs["resume_from"] = f"{self.wandb_id}?_step={self._last_step}"
+        else:
+            kwargs["id"] = self.wandb_id
+            if self._wandb_how == "resume":
+                kwargs["resume"] = "allow"
         if not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_DISABLED")) and not has_wandb_credentials():
             kwargs["mode"] = "offline"
             settings["silent"] = True  # the line below says it all, once
@@ -169,11 +264,8 @@ class Tracker:
 
     @property
     def run_id(self) -> str | None:
-        """The wandb run's id (main process, wandb on), kept in checkpoints to continue the run."""
-        self.started()
-        if not self.wandb_on:
-            return None
-        return self.accelerator.get_tracker("wandb", unwrap=True).id
+        """The wandb run's id (main process, tracker wandb), kept in checkpoints to continue the run."""
+        return self.wandb_id
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Training metrics at optimizer step ``step`` (main process only)."""
@@ -189,8 +281,6 @@ class Tracker:
             return
         self.started()
         import safetensors.torch
-
-        from .runs import atomic_write_bytes
 
         self._write({"kind": "summary", "step": self._last_step, **summary, "confusion_matrix": confusion.tolist()})
         self._history.close()

@@ -137,8 +137,8 @@ class Trainer:
         shard = dict(num_replicas=world, rank=accelerator.process_index, seed=cfg.seed)
         self.train_loader = make_loader(self.train_set, self.per_process, shuffle=cfg.shuffle, **shard)
         self.test_loader = make_loader(self.test_set, cfg.eval_batch_size, shuffle=False, **shard)
-        steps = total_steps(cfg.epochs, len(self.train_loader), cfg.max_steps)  # the same on every rank
-        self.recipe = Recipe(cfg, sgd, self.train_set, steps, accelerator.device)
+        self.total_steps = total_steps(cfg.epochs, len(self.train_loader), cfg.max_steps)  # the same on every rank
+        self.recipe = Recipe(cfg, sgd, self.train_set, self.total_steps, accelerator.device)
         self.progress = Progress()
         self.display = ProgressDisplay(accelerator.is_main_process, self.global_batch)
         # Loss sums stay on the device (no host synchronisation until a log interval).
@@ -240,7 +240,8 @@ class Trainer:
                 self.epoch_steps += self.interval_steps
                 self.interval_loss.zero_()
                 self.interval_steps = 0
-                if signum is not None:
+                # A stop agreed on at the very last step saves no time: the run ends as an unstopped one.
+                if signum is not None and p.step < self.total_steps:
                     p.train_seconds += time.perf_counter() - clock
                     raise self._stopped(signum)
             if self._checkpoint_due() and p.batch < len(self.train_loader) and not self._reached_max():
@@ -295,6 +296,8 @@ class Trainer:
             last = self._finished()
             if signum is not None and not last:
                 raise self._stopped(signum)
+            if signum is not None:
+                log.info("%s at the last step: finishing the run normally", signal.Signals(signum).name)
             if last or self._checkpoint_due() or (
                     cfg.checkpoint_every_epochs and p.epoch % cfg.checkpoint_every_epochs == 0):
                 self.save_checkpoint()
@@ -326,15 +329,17 @@ def run(cfg: Config) -> dict[str, Any]:
     run_dir = runs.prepare_run_dir(cfg.output_dir)
     accelerator = build_accelerator(cfg, log_with=accelerator_log_with(cfg.tracker))
     setup_logging(accelerator.is_main_process)
-    resume_from = checkpoint.resolve(cfg, run_dir)  # before anything in run_dir is written
+    resume_from = checkpoint.resolve_on_main(accelerator, cfg, run_dir)  # before anything in run_dir is written
     resumed = None
     if resume_from is not None:
         resumed = checkpoint.read_state(resume_from)
-        checkpoint.check_compatible(resumed, cfg, accelerator.num_processes, resume_from)
+        note = checkpoint.check_compatible(resumed, cfg, accelerator.num_processes, resume_from)
+        if note:
+            log.info(note)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / runs.CONFIG_FILE)
     tracker = Tracker(cfg, accelerator, run_dir)
-    tracker.start(run_config(cfg, accelerator), resumed)
+    tracker.start(run_config(cfg, accelerator), resumed, resume_from)
     stop = StopFlags()
     try:
         trainer = Trainer(cfg, accelerator, tracker, run_dir, stop)
@@ -351,8 +356,8 @@ def run(cfg: Config) -> dict[str, Any]:
     finally:
         stop.restore()
     if accelerator.is_main_process:
-        runs.save_weights(model.state_dict(), run_dir / runs.WEIGHTS_FILE)
-        runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+        digest = runs.save_weights(model.state_dict(), run_dir / runs.WEIGHTS_FILE)
+        runs.write_json(run_dir / runs.METRICS_FILE, {**metrics, "weights_sha256": digest})
     split = metrics["eval_split"]
     accelerator.print(
         f"{split} accuracy: {100 * metrics[f'{split}_accuracy']:.2f}% "

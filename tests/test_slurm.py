@@ -135,6 +135,60 @@ def test_signalled_job_requeues_resumes_and_ends_as_if_never_stopped(slurm_clust
     print(f"job {job_id}: signalled, stopped at step {stopped_at}, requeued, resumed; weights bit-identical")
 
 
+def launcher_of_node(cluster, node_id: int) -> int:
+    """The pid of the `accelerate launch` process that a job step runs on node ``node_id``."""
+    from slurm_cluster import processes_using
+
+    for pid in processes_using(cluster.conf):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "launch" in argv and "--machine_rank" in argv and argv[argv.index("--machine_rank") + 1] == str(node_id):
+            return pid
+    raise AssertionError(f"no launcher found for node {node_id}")
+
+
+def test_launcher_alone_signalled_then_requeued_onto_fewer_nodes(slurm_cluster, multi_node_run, data_dir, tmp_path):
+    """SIGUSR1 reaches only the second node's launcher (as where SLURM does not signal every process):
+    it passes it to its rank, all ranks agree to stop, the job requeues; it then runs on one node."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    job_id, output_file = submit(slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, run_dir),
+                                 tmp_path)
+    wait_until(lambda: output_file.exists() and "samples/s" in output_file.read_text(), JOB_TIMEOUT,
+               "the job to start training")
+    os.kill(launcher_of_node(slurm_cluster, 1), signal.SIGUSR1)
+
+    def requeued() -> bool:
+        out = slurm_cluster.run("scontrol", "--oneliner", "show", "job", str(job_id)).stdout
+        return "Restarts=1" in out and "JobState=PENDING" in out
+
+    wait_until(requeued, 120, "the job to be requeued")
+    # A node is lost meanwhile; the requeued job is let run on fewer nodes (1 to 2 of them).
+    slurm_cluster.run("scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=lost")
+    try:
+        slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1", "NumCPUs=1")
+        slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        job, output = wait_completed(slurm_cluster, job_id, output_file)
+    finally:
+        slurm_cluster.run("scontrol", "update", "NodeName=n2", "State=RESUME")
+
+    assert (job["Restarts"], job["NumNodes"]) == ("1", "1")
+    assert "0: stopped by SIGUSR1 at step" in output, output[-3000:]
+    stopped_at = int(output.split("0: stopped by SIGUSR1 at step ")[1].split(";")[0])
+    assert f"written by 2 process(es), continuing on 1" in output, output[-3000:]
+    metrics = read_metrics(run_dir / "metrics.json")
+    assert (metrics["world_size"], metrics["steps"]) == (1, STEPS)
+    straight = load_weights(multi_node_run[2] / "model.safetensors")
+    resumed = load_weights(run_dir / "model.safetensors")
+    gap = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
+    assert gap < 1e-4
+    print(f"job {job_id}: node 2's launcher signalled, stopped at step {stopped_at}, requeued onto 1 node; "
+          f"weights within {gap:.1e} of the 2-node run")
+
+
 def test_single_node_job_runs_one_cpu_process(slurm_cluster, data_dir, tmp_path):
     args = train_args(data_dir, tmp_path / "run")
     args[args.index("--max-steps") + 1] = "300"

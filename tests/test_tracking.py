@@ -285,3 +285,62 @@ def test_tags_are_words():
         build_config(None, {"wandb_tags": [1, 2]})
     with pytest.raises(ConfigError, match="'tracker' must be one of wandb, none"):
         build_config(None, {"tracker": "tensorboard"})
+
+
+def test_a_resumed_history_keeps_one_record_per_step():
+    from mnist_dist.tracking import one_timeline, rewind
+
+    first = [{"kind": "config"}, *({"kind": "step", "step": s} for s in (10, 20, 30, 40)),
+             {"kind": "epoch", "step": 40}, {"kind": "step", "step": 50}]  # crashed after step 50
+    again = [{"kind": "resume", "step": 20}, {"kind": "config"}, {"kind": "step", "step": 30},
+             {"kind": "step", "step": 40}, {"kind": "epoch", "step": 40}, {"kind": "summary", "step": 40}]
+    assert rewind(first, 20) == first[:3]
+    timeline = one_timeline(first + again)
+    assert [(r["kind"], r.get("step")) for r in timeline] == [
+        ("config", None), ("step", 10), ("step", 20), ("resume", 20), ("config", None), ("step", 30),
+        ("step", 40), ("epoch", 40), ("summary", 40)]
+
+
+def test_history_cut_short_by_a_crash_is_read(tmp_path):
+    from mnist_dist.tracking import read_history
+
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"kind": "config"}\n{"kind": "step", "step": 7}\n{"kind": "st')
+    assert read_history(path) == [{"kind": "config"}, {"kind": "step", "step": 7}]
+    path.write_text('{"kind": "config"}\nnot json\n{"kind": "step", "step": 7}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_history(path)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("fresh", ("new", None)),
+    ("resumed, nothing logged past the checkpoint", ("resume", "ckpt1234")),
+    ("resumed after a crash that logged past it", ("rewind", "ckpt1234")),
+    ("crashed before its first checkpoint", ("rewind", "first999")),
+    ("finished before, started afresh", ("new", None)),
+])
+def test_which_wandb_run_a_run_continues(tmp_path, case, expected):
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking import HISTORY_FILE, Tracker
+
+    history = {
+        "fresh": [],
+        "resumed, nothing logged past the checkpoint": [{"kind": "config", "wandb_run_id": "ckpt1234"},
+                                                         {"kind": "step", "step": 100}],
+        "resumed after a crash that logged past it": [{"kind": "config", "wandb_run_id": "ckpt1234"},
+                                                      {"kind": "step", "step": 100}, {"kind": "step", "step": 150}],
+        "crashed before its first checkpoint": [{"kind": "config", "wandb_run_id": "first999"},
+                                                {"kind": "step", "step": 50}],
+        "finished before, started afresh": [{"kind": "config", "wandb_run_id": "old77777"},
+                                            {"kind": "summary", "step": 9380}],
+    }[case]
+    (tmp_path / HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
+    resumed = None
+    if case.startswith("resumed"):
+        resumed = {"progress": {"step": 100}, "wandb_run_id": "ckpt1234"}
+    tracker = Tracker(build_config(None, {"output_dir": str(tmp_path)}), Accelerator(cpu=True), tmp_path)
+    tracker._last_step = 100 if resumed else 0
+    run_id, how = tracker._wandb_run(resumed, history, None)
+    assert how == expected[0]
+    assert run_id == expected[1] if expected[1] else len(run_id) == 8 and run_id.isalnum()
