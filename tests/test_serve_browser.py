@@ -81,6 +81,9 @@ def test_the_page_shows_what_the_api_answers_and_the_image_the_model_saw(page, s
     (answer,) = httpx.post(server.url + "predict", files={"file": ("d.png", drawing)}).json()["results"]
     assert shown["digit"] == answer["digit"] == int(labels[3])
     assert shown["bars"] == pytest.approx(answer["probabilities"], abs=1e-6)
+    drawn = page.evaluate("[...document.querySelectorAll('.fill')]"
+                          ".map((e) => e.getBoundingClientRect().width / e.parentElement.getBoundingClientRect().width)")
+    assert drawn == pytest.approx(shown["bars"], abs=0.01)  # each bar as long as its probability
 
 
 def test_a_finger_draws_like_the_mouse_and_clear_resets_the_page(page, mnist_test):
