@@ -158,6 +158,19 @@ main.add_command(export_command)
 SERVE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "anyio")
 
 
+def _serve_module():
+    """``mnist_dist.serve``, imported only when serving; a missing web package is one ``Error:`` line."""
+    try:
+        from . import serve
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVE_PACKAGES:
+            raise
+        raise click.ClickException(
+            f"mnist-dist serve needs the package {exc.name!r}, not installed: "
+            "pip install 'mnist-dist[serve]' (in a checkout: pip install -e '.[serve]')") from None
+    return serve
+
+
 @click.command("serve", cls=Command)
 @click.option("--weights", required=True, type=click.Path(dir_okay=True),
               help="model.safetensors of a run, or the run directory.")
@@ -172,14 +185,7 @@ SERVE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "anyio"
 def serve_command(weights: str, host: str, port: int, max_file_mb: float, max_batch: int,
                   max_request_mb: float) -> None:
     """Serve a page to draw digits on, and an HTTP API: POST /predict, GET /healthz."""
-    try:
-        from . import serve
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in SERVE_PACKAGES:
-            raise
-        raise click.ClickException(
-            f"mnist-dist serve needs the package {exc.name!r}, not installed: "
-            "pip install 'mnist-dist[serve]' (in a checkout: pip install -e '.[serve]')") from None
+    serve = _serve_module()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     limits = serve.Limits(round(max_file_mb * serve.MB), max_batch, round(max_request_mb * serve.MB))
     try:
@@ -189,6 +195,7 @@ def serve_command(weights: str, host: str, port: int, max_file_mb: float, max_ba
 
 
 main.add_command(serve_command)
+
 
 def run_as_process(command: click.Command, **kwargs: Any) -> NoReturn:
     """Run a command as the whole process (console script, ``python -m``) and exit without

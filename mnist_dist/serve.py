@@ -264,8 +264,9 @@ def json_inputs(body: bytes, max_batch: int) -> list[tuple[str, np.ndarray]]:
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError(400, f"request body is not valid JSON ({exc})") from None
     if not isinstance(data, list):
+        kind = {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
         raise ApiError(422, f"expected a JSON array of {SIDE * SIDE} pixel values (or a list of such arrays), "
-                            f"got a JSON {type(data).__name__.replace('dict', 'object').replace('str', 'string')}")
+                            f"got a JSON {kind}")
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError):
@@ -283,8 +284,6 @@ def json_inputs(body: bytes, max_batch: int) -> list[tuple[str, np.ndarray]]:
                             f"{SIDE * SIDE} values (or {SIDE} rows of {SIDE}) per image")
     if len(arr) > max_batch:
         raise ApiError(413, f"too many images: {len(arr)}, at most {max_batch} per request (serve --max-batch)")
-    if len(arr) == 0:
-        raise ApiError(422, "the JSON array holds no image")
     return [(f"array[{i}]", image) for i, image in enumerate(arr)]
 
 

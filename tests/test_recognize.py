@@ -269,6 +269,7 @@ def _tiff_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's warning about exif-garbage.jpg
 def test_predict_reads_every_mode_and_reports_each_bad_file(recognizer, every_mode_dir):
     folder, label = every_mode_dir
     results = {Path(r.file).name: r for r in recognizer.predict_files([folder])}
@@ -279,6 +280,7 @@ def test_predict_reads_every_mode_and_reports_each_bad_file(recognizer, every_mo
     assert len(digits) == 10 and set(digits.values()) == {label}, digits
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_predict_command_over_every_mode(weights, every_mode_dir):
     folder, label = every_mode_dir
     result = CliRunner().invoke(predict_command, ["--weights", str(weights), "--json", str(folder)])
