@@ -1,17 +1,19 @@
 # make train: set up .venv if needed, fetch MNIST, train the reference recipe, print test accuracy.
 # make test:  set up .venv if needed and run the test suite.
+# make serve: the drawing page and HTTP API for the run in RUN_DIR, on http://127.0.0.1:PORT/.
 PYTHON_SYSTEM ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= data
 RUN_DIR ?= runs/reference
+PORT ?= 8000
 CONFIG ?= configs/train/reference.yaml
 # One process: the first GPU if there is one, else the CPU.
 LAUNCH_CONFIG ?= configs/accelerate/single_gpu.yaml
 # Known-good builds; pip falls back to the index if they are not cached locally.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data train test bench clean
+.PHONY: install data train test serve bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -31,6 +33,9 @@ train: data
 
 test: install
 	MNIST_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
+
+serve: install
+	$(VENV)/bin/mnist-dist serve --weights $(RUN_DIR)/model.safetensors --port $(PORT)
 
 clean:
 	rm -rf $(RUN_DIR) .pytest_cache

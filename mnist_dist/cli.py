@@ -180,6 +180,49 @@ from .predict_cli import export_command, predict_command  # noqa: E402
 main.add_command(predict_command)
 main.add_command(export_command)
 
+# Optional packages of `mnist-dist serve` (pip install "mnist-dist[serve]").
+SERVE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "anyio")
+
+
+def _serve_module():
+    """``mnist_dist.serve``, imported only when serving; a missing web package is one ``Error:`` line."""
+    try:
+        from . import serve
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVE_PACKAGES:
+            raise
+        raise click.ClickException(
+            f"mnist-dist serve needs the package {exc.name!r}, not installed: "
+            "pip install 'mnist-dist[serve]' (in a checkout: pip install -e '.[serve]')") from None
+    return serve
+
+
+@click.command("serve", cls=Command)
+@click.option("--weights", required=True, type=click.Path(dir_okay=True),
+              help="model.safetensors of a run, or the run directory.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all interfaces).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
+@click.option("--max-file-mb", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
+              help="Largest image file accepted, in MB.")
+@click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True,
+              help="Most images (files or arrays) in one request.")
+@click.option("--max-request-mb", type=click.FloatRange(0, min_open=True), default=32.0, show_default=True,
+              help="Largest request body accepted, in MB.")
+def serve_command(weights: str, host: str, port: int, max_file_mb: float, max_batch: int,
+                  max_request_mb: float) -> None:
+    """Serve a page to draw digits on, and an HTTP API: POST /predict, GET /healthz."""
+    serve = _serve_module()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    limits = serve.Limits(round(max_file_mb * serve.MB), max_batch, round(max_request_mb * serve.MB))
+    try:
+        serve.run_server(weights, host, port, limits)
+    except (FileNotFoundError, ValueError, serve.ServeError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+main.add_command(serve_command)
+
+
 def run_as_process(command: click.Command, **kwargs: Any) -> NoReturn:
     """Run a command as the whole process (console script, ``python -m``) and exit without
     tearing the interpreter down.

@@ -17,8 +17,12 @@ from .recognize import FileResult, Recognizer
 EXIT_SOME_FAILED = 1
 
 
-def json_line(result: FileResult, top_k: int | None) -> str:
-    """One recognised file as a JSON object: file, digit, confidence, probabilities (index = digit)."""
+def result_json(result: FileResult, top_k: int | None = None, seen: bool = False) -> dict:
+    """One recognised file as a JSON object: file, digit, confidence, probabilities (index = digit).
+
+    With ``top_k``, also the K most probable digits; with ``seen``, the 28x28 image the model
+    saw (rows of values in [0, 1]). ``mnist-dist predict --json`` and ``serve`` both answer with it.
+    """
     p = result.prediction
     obj = {
         "file": result.file,
@@ -28,7 +32,19 @@ def json_line(result: FileResult, top_k: int | None) -> str:
     }
     if top_k:
         obj["top_k"] = [{"digit": d, "probability": round(x, 6)} for d, x in p.top(top_k)]
-    return json.dumps(obj)
+    if seen:
+        obj["seen"] = [[round(float(v), 3) for v in row] for row in result.seen]
+    return obj
+
+
+def error_json(result: FileResult) -> dict:
+    """A file that could not be recognised, as a JSON object: file, error (the reason)."""
+    return {"file": result.file, "error": result.error.reason}
+
+
+def json_line(result: FileResult, top_k: int | None) -> str:
+    """One recognised file as one line of JSON (see :func:`result_json`)."""
+    return json.dumps(result_json(result, top_k))
 
 
 def table(results: list[FileResult], top_k: int | None) -> str:

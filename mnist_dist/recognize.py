@@ -11,6 +11,7 @@ command line uses, so both see exactly what the model sees.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import torch
 from .model import MLP, hidden_sizes_from_state_dict
 from .preprocess import ImageError, preprocess
 from .runs import load_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,12 @@ class Prediction:
 
 @dataclass(frozen=True)
 class FileResult:
-    """What became of one file: a prediction, or the error that prevented one."""
+    """What became of one file: a prediction and the 28x28 image the model saw, or the error that prevented one."""
 
     file: str
     prediction: Prediction | None = None
     error: ImageError | None = None
+    seen: torch.Tensor | None = None
 
     @property
     def ok(self) -> bool:
@@ -100,23 +104,39 @@ class Recognizer:
         Directories are searched (see :func:`find_images`). A bad file yields its error
         and the others still run; a directory without images yields an error too.
         """
-        results: list[FileResult] = []
-        inputs: list[torch.Tensor] = []
-        good: list[int] = []
-        for path in find_images(paths):
-            try:
-                if path.is_dir():
-                    raise ImageError("no image files found in this directory", path)
-                inputs.append(preprocess(path))
-            except ImageError as exc:
-                results.append(FileResult(str(path), error=exc))
-                continue
-            good.append(len(results))
-            results.append(FileResult(str(path)))
-        if inputs:
-            for i, prediction in zip(good, self.predict_tensors(torch.stack(inputs))):
-                results[i] = FileResult(results[i].file, prediction=prediction)
+        found = find_images(paths)
+        results = self.predict_inputs([(str(path), path) for path in found])
+        return [
+            FileResult(r.file, error=ImageError("no image files found in this directory", path)) if path.is_dir() else r
+            for path, r in zip(found, results)
+        ]
+
+    def predict_inputs(self, inputs: Iterable[tuple[str, Any]]) -> list[FileResult]:
+        """One result per ``(name, image)`` pair, in order, all predicted in one forward pass.
+
+        ``image`` is anything :func:`preprocess` takes (a path, file bytes, a PIL image, an
+        array). An input that cannot be used yields its error, named ``name``; the others still run.
+        """
+        results = [_prepared(name, image) for name, image in inputs]
+        good = [i for i, r in enumerate(results) if r.seen is not None]
+        if good:
+            predictions = self.predict_tensors(torch.stack([results[i].seen for i in good]))
+            for i, prediction in zip(good, predictions):
+                results[i] = FileResult(results[i].file, prediction=prediction, seen=results[i].seen)
         return results
+
+
+def _prepared(name: str, image: Any) -> FileResult:
+    """``image`` preprocessed (``seen`` set, no prediction yet), or its error."""
+    try:
+        return FileResult(name, seen=preprocess(image))
+    except ImageError as exc:
+        return FileResult(name, error=exc if exc.path is not None else type(exc)(exc.reason, name))
+    # An unforeseen failure on one input (a Pillow bug, a plugin's own exception type)
+    # must not lose the results of all the others.
+    except Exception as exc:
+        log.debug("preprocessing %s failed", name, exc_info=True)
+        return FileResult(name, error=ImageError(f"cannot process this image ({type(exc).__name__}: {exc})", name))
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -83,3 +83,22 @@ def trained_weights(data_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "model.safetensors"
     save_weights(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run_dir(trained_weights, mnist_test, tmp_path_factory) -> Path:
+    """A run directory of ``trained_weights``: model.safetensors and a metrics.json with its real test accuracy."""
+    import shutil
+
+    import torch
+
+    from mnist_dist.recognize import Recognizer
+
+    images, labels = mnist_test
+    model = Recognizer.load(trained_weights).model
+    with torch.no_grad():
+        accuracy = float((model(images.float() / 255).argmax(1) == labels).float().mean())
+    run = tmp_path_factory.mktemp("trained-run")
+    shutil.copy(trained_weights, run / "model.safetensors")
+    (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "eval_split": "test"}))
+    return run

@@ -227,3 +227,76 @@ def test_predict_json_top_k(weights, realistic_files):
 def test_predict_with_missing_weights_is_one_clear_line(tmp_path):
     result = CliRunner().invoke(predict_command, ["--weights", str(tmp_path / "w.safetensors"), str(tmp_path)])
     assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+# --- every Pillow mode in one folder; one bad input never loses the others ---------------------
+
+
+@pytest.fixture()
+def every_mode_dir(tmp_path, mnist_test):
+    """A folder of one MNIST test digit saved in every hard mode: LAB, 16-bit, float, CMYK, palette with
+    transparency, animated GIF, EXIF orientation, malformed EXIF; plus two broken files."""
+    images, labels = mnist_test
+    page = realistic(images[0].numpy(), random.Random(2))
+    gray = page.convert("L")
+    saved = {
+        "lab.tif": Image.merge("LAB", [gray, Image.new("L", gray.size, 128), Image.new("L", gray.size, 128)]),
+        "16bit.png": Image.fromarray(np.asarray(gray).astype(np.uint16) * 257),
+        "8bit-in-16.png": gray.convert("I;16"),
+        "float.tif": Image.fromarray(np.asarray(gray, np.float32) / 255, "F"),
+        "cmyk.jpg": page.convert("CMYK"),
+        "cmyk.tif": page.convert("CMYK"),
+    }
+    for name, img in saved.items():
+        img.save(tmp_path / name)
+    palette = page.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(tmp_path / "transparent.png", transparency=palette.getpixel((0, 0)))
+    palette.save(tmp_path / "animated.gif", save_all=True, append_images=[Image.new("P", page.size)], loop=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    page.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "exif-rotated.jpg", exif=exif)
+    page.save(tmp_path / "exif-garbage.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff\x01\x12")
+    (tmp_path / "notes.png").write_text("not a picture\n")
+    (tmp_path / "nan.tif").write_bytes(_tiff_bytes(Image.fromarray(np.full((20, 20), np.nan, np.float32), "F")))
+    return tmp_path, int(labels[0])
+
+
+def _tiff_bytes(img: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's warning about exif-garbage.jpg
+def test_predict_reads_every_mode_and_reports_each_bad_file(recognizer, every_mode_dir):
+    folder, label = every_mode_dir
+    results = {Path(r.file).name: r for r in recognizer.predict_files([folder])}
+    bad = {name: r.error.reason for name, r in results.items() if not r.ok}
+    assert bad == {"notes.png": "not an image Pillow can read (cannot identify image file)",
+                   "nan.tif": "image holds NaN or infinite pixel values"}
+    digits = {name: r.prediction.digit for name, r in results.items() if r.ok}
+    assert len(digits) == 10 and set(digits.values()) == {label}, digits
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_predict_command_over_every_mode(weights, every_mode_dir):
+    folder, label = every_mode_dir
+    result = CliRunner().invoke(predict_command, ["--weights", str(weights), "--json", str(folder)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(objects) == 10 and {o["digit"] for o in objects} == {label}
+    assert result.stderr.splitlines()[-1] == "2 of 12 files could not be recognised"
+
+
+def test_an_unforeseen_failure_of_one_input_is_its_error_only(recognizer, realistic_files, tmp_path):
+    good = realistic_files[0][0]
+    Image.open(good).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:-200])
+    lazy = Image.open(tmp_path / "cut.png")  # opened by the caller, not loaded: fails only when read
+    whole = (tmp_path / "whole.png").read_bytes()
+    results = recognizer.predict_inputs([("first", good), ("lazy", lazy), ("bytes", whole)])
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].file == "lazy" and results[1].error.reason.startswith("cannot process this image (OSError:")
+    assert results[0].prediction == results[2].prediction and results[0].seen.shape == (28, 28)
