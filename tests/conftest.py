@@ -87,12 +87,14 @@ def trained_weights(data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run_dir(trained_weights, mnist_test, tmp_path_factory) -> Path:
-    """A run directory of ``trained_weights``: model.safetensors and a metrics.json with its real test accuracy."""
+    """A run directory of ``trained_weights``: model.safetensors and a metrics.json with its real test
+    accuracy and the weights' checksum, as training writes them."""
     import shutil
 
     import torch
 
     from mnist_dist.recognize import Recognizer
+    from mnist_dist.runs import sha256_file
 
     images, labels = mnist_test
     model = Recognizer.load(trained_weights).model
@@ -100,5 +102,6 @@ def trained_run_dir(trained_weights, mnist_test, tmp_path_factory) -> Path:
         accuracy = float((model(images.float() / 255).argmax(1) == labels).float().mean())
     run = tmp_path_factory.mktemp("trained-run")
     shutil.copy(trained_weights, run / "model.safetensors")
-    (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "eval_split": "test"}))
+    (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "eval_split": "test",
+                                                  "weights_sha256": sha256_file(run / "model.safetensors")}))
     return run

@@ -297,13 +297,24 @@ def test_help_lists_serve_without_importing_the_web_packages():
 
 
 def test_a_run_directory_serves_its_weights_and_metrics(run_dir):
-    from mnist_dist.runs import load_weights
-
-    try:
-        load_weights(run_dir)
-    except (FileNotFoundError, IsADirectoryError, ValueError):
-        pytest.skip("mnist_dist.runs.load_weights does not read run directories yet")
     with running_server(run_dir) as server:
         info = server.health()
     assert info["weights"] == str(run_dir) and info["metrics_file"] == str(run_dir / "metrics.json")
     assert info["test_accuracy"] == json.loads((run_dir / "metrics.json").read_text())["test_accuracy"]
+
+
+def test_weights_changed_since_training_are_refused(run_dir, tmp_path):
+    import shutil
+
+    from conftest import run_cli
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-3] ^= 0x01
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    for weights in (copy, copy / "model.safetensors"):
+        # A subprocess with a time limit: were the weights accepted, the server would run on.
+        proc = run_cli(["mnist_dist.cli", "serve", "--weights", str(weights), "--port", "0"], timeout=60)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "does not match the SHA-256 its run recorded" in proc.stderr
