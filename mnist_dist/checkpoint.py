@@ -12,7 +12,9 @@ rank has written its part and ``trainer_state.json`` is on disk: the rename is t
 commit. A crash mid-save leaves only a ``.tmp-*`` directory, which is never loaded and
 is removed by the next save. Older checkpoints are deleted only after a newer one is
 complete; a damaged checkpoint is never deleted (it stays for inspection) and never
-counts as one of the newest ``keep_checkpoints``. Nothing is unpickled beyond what
+counts as one of the newest ``keep_checkpoints`` (retention re-reads a checkpoint that a
+write touched since this process last verified it; loading always verifies every byte).
+Nothing is unpickled beyond what
 ``torch.load(weights_only=True)`` allows (Accelerate loads optimizer and RNG states that
 way); the rest is JSON.
 
@@ -158,6 +160,11 @@ def scan(run_dir: str | os.PathLike) -> list[Verdict]:
     A ``.replaced-step-N`` directory (left by a same-step replacement on a filesystem that
     cannot swap two directories atomically) stands in for ``step-N`` only when that is absent.
     """
+    return [inspect(path) for path in checkpoint_dirs(run_dir)]
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint directories of a run, oldest first, not yet inspected (see ``scan``)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
@@ -166,7 +173,7 @@ def scan(run_dir: str | os.PathLike) -> list[Verdict]:
         step = step_of(path)
         if step is not None and path.is_dir() and not path.name.startswith(".tmp-"):
             found.setdefault(step, path)
-    return [inspect(found[step]) for step in sorted(found)]
+    return [found[step] for step in sorted(found)]
 
 
 def complete_checkpoints(run_dir: str | os.PathLike, warn: bool = True) -> list[Path]:
@@ -379,11 +386,36 @@ def _commit(tmp: Path, final: Path, state: dict[str, Any]) -> None:
     else:
         os.rename(tmp, final)
     _fsync(final.parent)
+    _seen_good[final] = _signature(final)  # its checksums were just taken from these very files
+
+
+# Checkpoints this process found good, with the metadata of their files then: retention
+# re-reads a checkpoint only if a file of it was written to since (loading always re-reads).
+_seen_good: dict[Path, tuple] = {}
+
+
+def _signature(path: Path) -> tuple:
+    return tuple(sorted((f.name, st.st_ino, st.st_size, st.st_mtime_ns)
+                        for f in path.iterdir() for st in [f.stat()]))
+
+
+def _still_good(path: Path) -> bool:
+    """Whether a checkpoint is usable, reusing this process's last verdict while its files are untouched."""
+    try:
+        signature = _signature(path)
+    except OSError:
+        return False
+    if _seen_good.get(path) == signature:
+        return True
+    good = inspect(path).ok
+    if good:
+        _seen_good[path] = signature
+    return good
 
 
 def _retain(run_dir: Path, just_written: Path, keep: int) -> None:
     """Delete the oldest usable checkpoints beyond ``keep``; never the one just written, never a damaged one."""
-    others = [p for p in complete_checkpoints(run_dir, warn=False) if p != just_written]
+    others = [p for p in checkpoint_dirs(run_dir) if p != just_written and _still_good(p)]
     for old in others[: max(0, len(others) - (keep - 1))]:
         _remove(old)
         aside = old.with_name(f".replaced-{old.name.removeprefix('.replaced-')}")
