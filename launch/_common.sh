@@ -14,6 +14,9 @@ MAIN_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/nu
 MAIN_ADDR=${MAIN_ADDR:-localhost}
 # A port per job, so two jobs sharing a node do not collide; override with MAIN_PORT.
 MAIN_PORT=${MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+# Start-up bound, in seconds: the nodes meet first (python -m mnist_dist.rendezvous), and the
+# launcher's own rendezvous gives up after as long (torch's default is 10 minutes, then a retry).
+RENDEZVOUS_TIMEOUT=${RENDEZVOUS_TIMEOUT:-120}
 
 # GPUs on this node: SLURM's count if it allocated some, else nvidia-smi, else none.
 gpus_on_node() {
@@ -46,4 +49,4 @@ RESTART_NOTE=""
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
     RESTART_NOTE=" (restart $SLURM_RESTART_COUNT: resuming from the newest checkpoint)"
 fi
-export NNODES MAIN_ADDR MAIN_PORT PROCS_PER_NODE LAUNCH_CONFIG
+export NNODES MAIN_ADDR MAIN_PORT PROCS_PER_NODE LAUNCH_CONFIG RENDEZVOUS_TIMEOUT

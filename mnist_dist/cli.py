@@ -17,13 +17,15 @@ import click
 from .checkpoint import CheckpointError
 from .config import FIELDS, ConfigError, build_config, field_type
 from .data import DataError
+from .rendezvous import RendezvousError
 from .runs import RunDirError
 
 from .preempt import Stopped
 from .train import NonFiniteError
 
 # Errors whose message is the whole story: shown as one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError, CheckpointError,
+               RendezvousError)
 
 
 class _OneLineErrors:
@@ -133,6 +135,22 @@ def download_command(dataset: str, data_dir: str, replace_corrupt: bool) -> None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     raw = _run(ensure_dataset, data_dir, dataset, replace_corrupt)
     click.echo(f"{dataset}: all files verified in {raw}")
+
+
+@click.command("rendezvous", cls=Command)
+@click.option("--nodes", type=click.IntRange(min=1), required=True, help="Number of nodes of the job.")
+@click.option("--node-rank", type=click.IntRange(min=0), required=True, help="This node's rank (0: the main node).")
+@click.option("--main-addr", required=True, help="Address of node 0 (where the main process runs).")
+@click.option("--main-port", type=click.IntRange(1, 65535), required=True, help="Port the launcher will use.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds to wait for all nodes.")
+def rendezvous_command(nodes: int, node_rank: int, main_addr: str, main_port: int, timeout: float) -> None:
+    """Wait until every node of a job is up, before the launcher starts (used by launch/)."""
+    from .rendezvous import wait_for_nodes
+
+    seconds = _run(wait_for_nodes, nodes, node_rank, main_addr, main_port, timeout)
+    if node_rank == 0 and nodes > 1:
+        click.echo(f"rendezvous: all {nodes} nodes are up ({main_addr}:{main_port}, {seconds:.1f} s)")
 
 
 @click.group(cls=Group)
