@@ -175,9 +175,12 @@ def _connect(peers: Peers, deadline: float, timeout: float):
     reason = wait_for_port(ip, peers.port, deadline)
     if reason is not None:
         raise RendezvousError(_unreachable(peers, timeout, reason))
+    # The port answers, so a store there answers at once. torch's client retries past its own
+    # timeout (about 1.5-3 times it), so it gets a third of the time left: it gives up (and
+    # stops writing retries) before the deadline; ``_before`` bounds it in any case.
     try:
         return _before(deadline, lambda: TCPStore(peers.addr, peers.port, None, False,
-                                                  timedelta(seconds=_left(deadline, 1)), wait_for_workers=False))
+                                                  timedelta(seconds=_left(deadline, 3) / 3), wait_for_workers=False))
     except (TimeoutError, RuntimeError) as exc:
         raise RendezvousError(
             f"{peers.who} reached {peers.addr}:{peers.port}, but no main process of this run answered there "

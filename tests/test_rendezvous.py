@@ -85,7 +85,7 @@ def test_a_main_process_whose_other_ranks_never_come_names_how_many_arrived(tmp_
                                str(TIMEOUT), "--output-dir", str(tmp_path / "run")], env=worker_env(0, port))
     assert proc.returncode == 1
     line = one_error_line(proc)
-    assert f"rank 0 of 2 (node " in line and f"waited {TIMEOUT} s at 127.0.0.1:{port} and 1 of 2 ranks arrived" in line
+    assert "rank 0 of 2 (node " in line and f"waited {TIMEOUT} s at 127.0.0.1:{port} and 1 of 2 ranks arrived" in line
     assert TIMEOUT <= seconds < TIMEOUT + MARGIN, seconds
     assert processes_mentioning(str(tmp_path)) == []
     print(f"rank 0 without rank 1: ended after {seconds:.1f} s")
@@ -129,7 +129,7 @@ def test_a_node_alone_gives_up_in_time_with_one_line(node_rank):
     assert proc.returncode == 1
     line = one_error_line(proc)
     if node_rank == 1:
-        assert f"node 1 of 2 (node " in line and f"could not reach the main process at 127.0.0.1:{port}" in line
+        assert "node 1 of 2 (node " in line and f"could not reach the main process at 127.0.0.1:{port}" in line
     else:
         assert f"waited {TIMEOUT} s at 127.0.0.1:{port} and 1 of 2 nodes arrived" in line
     assert TIMEOUT <= seconds < TIMEOUT + MARGIN, seconds

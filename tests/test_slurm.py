@@ -34,7 +34,7 @@ def job_env() -> dict[str, str]:
         "WANDB_MODE": "offline",
         "SLURM_LABELIO": "1",  # srun --label: each line of the job's output names its task
     }
-    for key in ("PROCS_PER_NODE", "LAUNCH_CONFIG", "MAIN_PORT"):
+    for key in ("PROCS_PER_NODE", "LAUNCH_CONFIG", "MAIN_ADDR", "MAIN_PORT", "RENDEZVOUS_TIMEOUT"):
         env.pop(key, None)
     return env
 
@@ -153,11 +153,11 @@ def job_processes(job_id: int) -> list[int]:
 
 
 # What the second node's launcher does instead of joining, in a `python` put first on the
-# job's PATH: it is killed (its srun task dies) once the first node waits for it (the main
-# port answers), or it hangs.
+# job's PATH (the srun task execs it): it is killed once the first node waits for it (the
+# main port answers), or it hangs.
 NEVER_JOINS = {
     "killed": "for i in $(seq 300); do (exec 3<>/dev/tcp/$MAIN_ADDR/$MAIN_PORT) 2>/dev/null && break; sleep 0.2; done; "
-              "kill -KILL $PPID; exit 137",
+              "kill -KILL $$",
     "hung": "exec sleep 600",
 }
 
@@ -173,15 +173,16 @@ def test_a_second_node_that_never_joins_ends_the_job_in_time_with_one_line(slurm
     env = job_env()
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", VIRTUAL_ENV=sys.prefix, RENDEZVOUS_TIMEOUT=str(timeout))
     start = time.monotonic()
-    job_id = slurm_cluster.submit(f"--output={tmp_path}/job-%j.out", "--nodes=2", str(REPO / "launch/multi_node.sbatch"),
-                                  *train_args(data_dir, tmp_path / "run"), cwd=REPO, env=env)
+    job_id = slurm_cluster.submit(f"--output={tmp_path}/job-%j.out", "--nodes=2",
+                                  str(REPO / "launch/multi_node.sbatch"), *train_args(data_dir, tmp_path / "run"),
+                                  cwd=REPO, env=env)
     job = slurm_cluster.wait(job_id, timeout=timeout + 90)
     seconds = time.monotonic() - start
     output = (tmp_path / f"job-{job_id}.out").read_text()
     assert job["JobState"] == "FAILED", output[-3000:]
     ours = [line for line in output.splitlines() if line.startswith("0: Error: node 0 of 2 (node n1)")]
     assert len(ours) == 1, output[-3000:]
-    if how == "killed":
+    if how == "killed":  # SLURM ends the job step (srun --kill-on-bad-exit) as soon as the node died
         assert "was stopped by SIGTERM while waiting at n1:" in ours[0] and "(1 of 2 nodes in)" in ours[0]
     else:
         assert f"waited {timeout} s at n1:" in ours[0] and "and 1 of 2 nodes arrived" in ours[0]
