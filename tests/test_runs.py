@@ -46,3 +46,16 @@ def test_unwritable_run_dir_is_reported(tmp_path):
     with pytest.raises(RunDirError, match="not writable"):
         prepare_run_dir(tmp_path / "f" / "run")
     assert prepare_run_dir(tmp_path / "new" / "run").is_dir()
+
+
+def test_the_writability_probe_never_touches_another_nodes_probe(tmp_path):
+    """Nodes sharing a run directory often run processes with the same pid: the probes must differ."""
+    import os
+
+    from mnist_dist.runs import prepare_run_dir
+
+    others = tmp_path / f".write-test-{os.getpid()}"  # what another node's probe, same pid, was called
+    others.write_bytes(b"theirs")
+    prepare_run_dir(tmp_path)
+    assert others.read_bytes() == b"theirs"
+    assert [p.name for p in tmp_path.iterdir()] == [others.name]
