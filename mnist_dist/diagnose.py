@@ -26,6 +26,7 @@ def _by_node(facts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def versions_agree(facts: list[dict[str, Any]]) -> Check:
+    """The same python and packages on every rank (different ones can hang a collective or differ silently)."""
     ref = facts[0]["versions"]
     summary = ", ".join(f"{k} {v}" for k, v in ref.items())
     diff = [(f, k) for f in facts[1:] for k in ref if f["versions"].get(k) != ref[k]]
@@ -37,6 +38,7 @@ def versions_agree(facts: list[dict[str, Any]]) -> Check:
 
 
 def devices_seen(facts: list[dict[str, Any]]) -> Check:
+    """What each node has: GPUs (names, bf16, NCCL) or CPUs. Facts only; ``launch_shape`` judges them."""
     parts = []
     for node, fs in _by_node(facts).items():
         d = fs[0]["devices"]

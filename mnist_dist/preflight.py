@@ -130,6 +130,7 @@ def write_token(output_dir: str) -> tuple[Path, str]:
 
 
 def sees_token(path: str, token: str) -> bool:
+    """Whether this process reads back the main process's token: the same run directory."""
     try:
         return Path(path).read_text() == token
     except OSError:
