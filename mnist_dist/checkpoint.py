@@ -48,7 +48,7 @@ FORMAT, READABLE_FORMATS = 2, (1, 2)
 # checkpoint, how evaluation is batched. Every other key changes the training mathematics.
 FREE_TO_CHANGE = frozenset({
     "data_dir", "output_dir", "resume", "requeue", "checkpoint_every", "checkpoint_every_epochs",
-    "keep_checkpoints", "log_every", "collective_timeout", "eval_batch_size", "check_finite", "cpu",
+    "keep_checkpoints", "log_every", "collective_timeout", "rendezvous_timeout", "eval_batch_size", "check_finite", "cpu",
     "tracker", "wandb_project", "wandb_entity", "wandb_run_name", "wandb_tags", "wandb_group", "wandb_dir",
 })
 # With a constant learning rate the run's length does not change any step already taken.

@@ -17,6 +17,7 @@ import click
 from .checkpoint import CheckpointError
 from .config import FIELDS, ConfigError, build_config, field_type
 from .data import DataError
+from .rendezvous import RendezvousError
 from .runs import RunDirError, WeightsChangedError
 
 from .preempt import Stopped
@@ -24,7 +25,7 @@ from .train import NonFiniteError
 
 # Errors whose message is the whole story: shown as one line, no traceback.
 USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError, CheckpointError,
-               WeightsChangedError)
+               WeightsChangedError, RendezvousError)
 
 
 class _OneLineErrors:
@@ -160,6 +161,44 @@ def verify_command(run_dir: str) -> None:
         sys.exit(1)
 
 
+@click.command("doctor", cls=Command)
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Write the JSON report here (default: OUTPUT_DIR/doctor.json).")
+@config_options
+def doctor_command(report: str | None, config_path: str | None, **overrides: Any) -> None:
+    """Check, before training, what would make it fail or hang: versions, devices, rendezvous,
+    collectives, run directory, data, wandb. Launch it the way training is launched."""
+    cfg = _config(config_path, overrides)
+    from .doctor import run_doctor
+
+    sys.exit(_run(run_doctor, cfg, report))
+
+
+@click.command("rendezvous", cls=Command)
+@click.option("--nodes", type=click.IntRange(min=1), required=True, help="Number of nodes of the job.")
+@click.option("--node-rank", type=click.IntRange(min=0), required=True, help="This node's rank (0: the main node).")
+@click.option("--main-addr", required=True, help="Address of node 0 (where the main process runs).")
+@click.option("--main-port", type=click.IntRange(1, 65535), required=True, help="Port the launcher will use.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds to wait for all nodes.")
+def rendezvous_command(nodes: int, node_rank: int, main_addr: str, main_port: int, timeout: float) -> None:
+    """Wait until every node of a job is up, before the launcher starts (used by launch/)."""
+    import time
+
+    from .rendezvous import wait_for_nodes
+
+    try:
+        seconds = wait_for_nodes(nodes, node_rank, main_addr, main_port, timeout)
+    except RendezvousError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        # SLURM stops forwarding a cancelled job step's output once its tasks have ended:
+        # stay a moment, so that this line reaches the job's output.
+        time.sleep(1)
+        sys.exit(1)
+    if node_rank == 0 and nodes > 1:
+        click.echo(f"rendezvous: all {nodes} nodes are up ({main_addr}:{main_port}, {seconds:.1f} s)")
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="mnist-dist")
 def main() -> None:
@@ -170,6 +209,7 @@ main.add_command(train_command)
 main.add_command(eval_command)
 main.add_command(data_group)
 main.add_command(checkpoints_group)
+main.add_command(doctor_command)
 
 from .report import report_command  # noqa: E402  (its own module; registered like the others)
 

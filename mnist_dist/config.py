@@ -102,6 +102,9 @@ class Config:
     collective_timeout: int = _opt(
         300, "Seconds a process waits for the others in a collective before the job fails.", min=1
     )
+    rendezvous_timeout: int = _opt(
+        120, "Seconds a process waits at start-up for the main process and the others before the run fails.", min=1
+    )
     # Checkpoints, resume and preemption
     checkpoint_every: int = _opt(
         0, "Also save a checkpoint every N optimizer steps (0: only at epoch ends, at the end, and on a stop signal).",

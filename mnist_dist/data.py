@@ -13,10 +13,12 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +125,19 @@ def ensure_dataset(data_dir: str | os.PathLike, dataset: str = "mnist", replace_
     """
     spec = DATASETS[dataset]
     raw = raw_dir(data_dir, spec)
+    if not _to_fetch(spec, raw, data_dir, replace_corrupt, quiet=True):
+        return raw
+    raw.mkdir(parents=True, exist_ok=True)
+    # Several nodes may share data_dir: one fetches, the others wait and then find the files.
+    with _fetch_lock(raw):
+        todo = _to_fetch(spec, raw, data_dir, replace_corrupt)
+        if todo:
+            _fetch(spec, raw, todo, data_dir)
+    return raw
+
+
+def _to_fetch(spec: DatasetSpec, raw: Path, data_dir, replace_corrupt: bool, quiet: bool = False) -> list[IdxFile]:
+    """The files that are missing, or corrupt (an error unless ``replace_corrupt``)."""
     todo = []
     for f in spec.files:
         path = _find(raw, f)
@@ -134,11 +149,28 @@ def ensure_dataset(data_dir: str | os.PathLike, dataset: str = "mnist", replace_
             continue
         if not replace_corrupt:
             raise DataError(f"{problem}. Re-fetch it with: {fix_command(data_dir, spec)}")
-        log.warning("%s; fetching a verified copy", problem)
+        if not quiet:
+            log.warning("%s; fetching a verified copy", problem)
         todo.append(f)
-    if todo:
-        _fetch(spec, raw, todo, data_dir)
-    return raw
+    return todo
+
+
+@contextmanager
+def _fetch_lock(raw: Path) -> Iterator[None]:
+    """An exclusive lock on ``raw/.fetch.lock`` (flock: released if the holder dies), where the
+    filesystem supports it."""
+    import fcntl
+
+    with open(raw / ".fetch.lock", "a") as fh:
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process fetching into %s", raw)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. ENOLCK on a filesystem without locks: go on unlocked
+            log.info("no lock on %s (%s); fetching without one", raw, exc.strerror or exc)
+        yield
 
 
 def _fetch(spec: DatasetSpec, raw: Path, todo: list[IdxFile], data_dir: str | os.PathLike) -> None:
@@ -173,11 +205,17 @@ def _fetch(spec: DatasetSpec, raw: Path, todo: list[IdxFile], data_dir: str | os
 
 
 def _install(src: Path, raw: Path, f: IdxFile) -> None:
-    """Move a verified file into place atomically, keeping any corrupt original."""
-    staged = raw / f".{f.name}.{os.getpid()}.tmp"
+    """Move a verified file into place atomically, keeping any corrupt original as ``*.corrupt``.
+
+    A good copy already there (put by another node sharing the directory) is left as it is.
+    """
+    present = _find(raw, f)
+    if present is not None and verify_file(present, f) is None:
+        return
+    staged = raw / f".{f.name}.{socket.gethostname()}-{os.getpid()}.tmp"
     staged.write_bytes(_read_bytes(src))
     for old in (raw / f.name, raw / f"{f.name}.gz"):
-        if old.exists():
+        if old.exists() and verify_file(old, f) is not None:
             os.replace(old, old.with_name(old.name + ".corrupt"))
     os.replace(staged, raw / f.name)
 

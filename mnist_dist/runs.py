@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,8 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
     run_dir = Path(path)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
+        # Unique across nodes sharing the directory (same pid on two hosts is common).
+        probe = run_dir / f".write-test-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:

@@ -40,6 +40,8 @@ MAX_MISCLASSIFIED = 64
 # Bounds on wandb's waits, so an unreachable server costs at most this much (seconds).
 # WANDB_INIT_TIMEOUT / WANDB_FINISH_TIMEOUT in the environment take precedence.
 INIT_TIMEOUT, FINISH_TIMEOUT = 60.0, 60.0
+# The main process waits for wandb's start at most its init timeout plus this (import, service start).
+START_MARGIN = 30.0
 
 
 def wandb_installed() -> bool:
@@ -149,6 +151,8 @@ class Tracker:
         self._history = None
         self._starting: threading.Thread | None = None
         self._start_error: Exception | None = None
+        self._start_lock = threading.Lock()
+        self._abandoned = False
         self._last_step = 0
         self._start = time.time()
 
@@ -219,14 +223,24 @@ class Tracker:
                     "wandb": {**init_kwargs, "id": self.wandb_id, "resume": "allow"}})
         except Exception as exc:  # wandb must never stop training
             self._start_error = exc
+        with self._start_lock:
+            if self._abandoned:  # too late: training went on without it
+                self._drop_wandb()
 
     def started(self) -> None:
-        """Wait until wandb has started (or failed to: one warning). Every use of wandb calls this first;
-        the training loop calls it before its first step."""
+        """Wait until wandb has started (or failed to: one warning), at most its init timeout plus
+        START_MARGIN. Every use of wandb calls this first; the training loop calls it before its first step."""
         if self._starting is None:
             return
-        self._starting.join()
+        wait = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT)) + START_MARGIN
+        self._starting.join(wait)
+        with self._start_lock:
+            self._abandoned = self._starting.is_alive()
         self._starting = None
+        if self._abandoned:
+            log.warning("wandb did not start within %.0f s; training goes on without it, the history is in %s",
+                        wait, self.run_dir / HISTORY_FILE)
+            return
         if self._start_error is not None:
             self._fail("start", self._start_error)
             self._start_error = None
@@ -340,5 +354,8 @@ class Tracker:
         log.warning("wandb failed to %s (%s: %s); training goes on, the history is in %s",
                     what, type(exc).__name__, first_line, self.run_dir / HISTORY_FILE)
         self.wandb_on = False
+        self._drop_wandb()
+
+    def _drop_wandb(self) -> None:
         # Drop the tracker so Accelerate's end_training does not call into a broken run.
         self.accelerator.trackers[:] = [t for t in self.accelerator.trackers if t.name != "wandb"]

@@ -42,6 +42,25 @@ def mnist_test(data_dir):
     return load_split(raw_dir(data_dir, DATASETS["mnist"]), "mnist", "test")
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose dependency is missing here; under CI (``CI=true``) fail instead, naming it."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true, and a test dependency is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A running two-node SLURM cluster (n1, n2) on this machine, stopped with all it started after the session."""
+    from slurm_cluster import missing_reason, running_cluster
+
+    reason = missing_reason()
+    if reason:
+        skip_or_fail(reason)
+    with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
 def run_cli(args: list[str], processes: int = 1, timeout: float = 300, env: dict | None = None):
     """Run ``python -m ARGS`` in one process, or under ``accelerate launch`` with N CPU processes."""
     if processes == 1:

@@ -41,11 +41,17 @@ def missing_reason() -> str | None:
 
 @dataclass
 class SlurmCluster:
-    """A running cluster: ``env`` points SLURM's commands at its configuration."""
+    """A running cluster: ``env`` points SLURM's commands at its configuration.
+
+    ``node_local`` is a directory each node sees as its own (like a node's /tmp or local
+    scratch): each slurmd runs in a mount namespace of its own with a tmpfs there. None
+    where mount namespaces are not available.
+    """
 
     root: Path
     conf: Path
     env: dict[str, str]
+    node_local: Path | None = None
 
     def run(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
         """Run a SLURM command (sinfo, sbatch, ...) against this cluster."""
@@ -200,14 +206,16 @@ def running_cluster(root: Path, start_timeout: float = 60) -> Iterator[SlurmClus
     """Start munged (if needed), slurmctld and two slurmd; yield the cluster; stop everything."""
     conf = write_config(root)
     env = {**os.environ, "SLURM_CONF": str(conf), "PATH": SEARCH_PATH}
-    cluster = SlurmCluster(root, conf, env)
+    node_local = root / "node-local"
+    node_local.mkdir(exist_ok=True)
+    cluster = SlurmCluster(root, conf, env, node_local if mount_namespaces_work(node_local) else None)
     munged = start_munged()
     daemons: list[subprocess.Popen] = []
     with node_names_resolve():
         try:
             # -D: stay in the foreground, so these are our children and easy to stop.
             commands = {"slurmctld": ["slurmctld", "-D"]}
-            commands.update({f"slurmd-{n}": ["slurmd", "-D", "-N", n] for n in NODES})
+            commands.update({f"slurmd-{n}": _slurmd_command(n, cluster.node_local) for n in NODES})
             for name, cmd in commands.items():
                 with open(root / "log" / f"{name}.stderr", "wb") as log:
                     daemons.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -216,6 +224,21 @@ def running_cluster(root: Path, start_timeout: float = 60) -> Iterator[SlurmClus
             yield cluster
         finally:
             _stop(cluster, daemons, munged)
+
+
+def mount_namespaces_work(path: Path) -> bool:
+    """Whether a process can get a private tmpfs at ``path`` (root, and a kernel that allows it)."""
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "tmpfs", str(path)],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def _slurmd_command(node: str, node_local: Path | None) -> list[str]:
+    """slurmd for ``node``; with ``node_local``, in its own mount namespace with a tmpfs there."""
+    if node_local is None:
+        return ["slurmd", "-D", "-N", node]
+    script = f'mount -t tmpfs tmpfs "$0" && exec slurmd -D -N {node}'
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(node_local)]
 
 
 def _stop(cluster: SlurmCluster, daemons: list[subprocess.Popen], munged: subprocess.Popen | None) -> None:

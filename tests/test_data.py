@@ -8,6 +8,8 @@ import torch
 from mnist_dist import data
 from mnist_dist.data import DATASETS, DataError, ensure_dataset, load_split, raw_dir, verify_file
 
+from conftest import REPO, skip_or_fail
+
 MNIST = DATASETS["mnist"]
 
 
@@ -107,12 +109,53 @@ def test_wrong_magic_number_and_count(tmp_path):
         data.read_idx(path, 2049, 4)
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                    reason="Debian package dataset-fashion-mnist not installed")
 def test_fashion_mnist_from_the_system_copy(tmp_path, monkeypatch):
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        skip_or_fail("Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
     spec = DATASETS["fashion-mnist"]
     monkeypatch.setattr(data, "_sources", lambda s: [(d, data._from_dir(Path(d))) for d in s.local_dirs])
     raw = ensure_dataset(tmp_path, "fashion-mnist")
     assert raw == tmp_path / "FashionMNIST" / "raw"
     _, labels = load_split(raw, "fashion-mnist", "train")
     assert torch.bincount(labels).tolist() == [6000] * 10
+
+
+# Two "nodes" sharing one data_dir: each fetches from a slow source (a copy of the real files).
+FETCH_ON_A_NODE = """
+import sys, time
+from pathlib import Path
+from mnist_dist import data
+
+def slow_copy(tmp, todo):
+    time.sleep(1.5)  # long enough for the other node to find the files missing too
+    return data._from_dir(Path(sys.argv[1]))(tmp, todo)
+
+data._sources = lambda spec: [("a slow mirror", slow_copy)]
+data.ensure_dataset(sys.argv[2], "mnist")
+"""
+
+
+def test_nodes_sharing_a_data_dir_fetch_once_and_never_rename_a_good_file(data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    shared = tmp_path / "shared"
+    cmd = [sys.executable, "-c", FETCH_ON_A_NODE, str(raw_dir(data_dir, MNIST)), str(shared)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    nodes = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [n.communicate(timeout=120)[1] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], errors
+    raw = raw_dir(shared, MNIST)
+    assert all(verify_file(raw / f.name, f) is None for f in MNIST.files)
+    assert not list(raw.glob("*.corrupt")) and not list(raw.glob("*.tmp"))
+
+
+def test_installing_beside_a_good_copy_leaves_it_alone(copy_of_mnist, tmp_path):
+    f = MNIST.train[1]
+    raw = raw_dir(copy_of_mnist, MNIST)
+    other = tmp_path / "other.gz"
+    other.write_bytes(gzip.compress((raw / f.name).read_bytes()))
+    before = (raw / f.name).stat().st_ino
+    data._install(other, raw, f)
+    assert (raw / f.name).stat().st_ino == before and not list(raw.glob("*.corrupt"))

@@ -18,6 +18,8 @@ from mnist_dist.export import (
 )
 from mnist_dist.model import MLP
 from mnist_dist.predict_cli import export_command
+
+from conftest import skip_or_fail
 from mnist_dist.recognize import Recognizer
 from mnist_dist.runs import save_weights
 
@@ -92,8 +94,9 @@ def test_onnx_without_its_packages_names_them(weights):
     assert result.exit_code == 1 and message in result.output
 
 
-@pytest.mark.skipif(bool(missing_onnx_packages()), reason="ONNX export needs onnx and onnxscript")
 def test_onnx_gives_the_same_logits_for_any_batch_size(weights):
+    if missing_onnx_packages():
+        skip_or_fail(f"ONNX export needs {' and '.join(missing_onnx_packages())} (pip install onnx onnxscript)")
     path = export_model(weights, "onnx")
     assert path == weights.with_suffix(".onnx")
     model = Recognizer.load(weights).model

@@ -91,3 +91,16 @@ def test_a_changed_byte_in_a_runs_weights_is_refused_but_a_bare_copy_loads(tmp_p
 def test_a_run_directory_without_weights_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         load_weights(tmp_path)
+
+
+def test_the_writability_probe_never_touches_another_nodes_probe(tmp_path):
+    """Nodes sharing a run directory often run processes with the same pid: the probes must differ."""
+    import os
+
+    from mnist_dist.runs import prepare_run_dir
+
+    others = tmp_path / f".write-test-{os.getpid()}"  # what another node's probe, same pid, was called
+    others.write_bytes(b"theirs")
+    prepare_run_dir(tmp_path)
+    assert others.read_bytes() == b"theirs"
+    assert [p.name for p in tmp_path.iterdir()] == [others.name]

@@ -1,7 +1,8 @@
 """The SLURM job scripts in launch/, submitted with sbatch to a real two-node cluster on this machine.
 
 The cluster (tests/slurm_cluster.py) needs root and Debian's slurmctld, slurmd, slurm-client and
-munge, which .ci/run installs; without them these tests skip and say why.
+munge, which .ci/run installs; without them these tests skip and say why (under CI=true, fail).
+The cluster itself is the session fixture ``slurm_cluster`` (conftest.py).
 """
 
 from __future__ import annotations
@@ -16,22 +17,12 @@ import torch
 
 from conftest import REPO, read_metrics
 from mnist_dist.runs import load_weights
-from slurm_cluster import missing_reason, running_cluster, wait_until
+from slurm_cluster import wait_until
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slurm]
 
 JOB_TIMEOUT = 240  # seconds; a 1500-step job takes about 30 s on an idle 2-core machine
 STEPS = 1500
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """A running two-node cluster (n1, n2), stopped with everything it started after the session."""
-    reason = missing_reason()
-    if reason:
-        pytest.skip(reason)
-    with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
-        yield cluster
 
 
 def job_env() -> dict[str, str]:
@@ -43,7 +34,7 @@ def job_env() -> dict[str, str]:
         "WANDB_MODE": "offline",
         "SLURM_LABELIO": "1",  # srun --label: each line of the job's output names its task
     }
-    for key in ("PROCS_PER_NODE", "LAUNCH_CONFIG", "MAIN_PORT"):
+    for key in ("PROCS_PER_NODE", "LAUNCH_CONFIG", "MAIN_ADDR", "MAIN_PORT", "RENDEZVOUS_TIMEOUT"):
         env.pop(key, None)
     return env
 
@@ -199,3 +190,58 @@ def test_single_node_job_runs_one_cpu_process(slurm_cluster, data_dir, tmp_path)
     assert job["NumNodes"] == "1"
     assert "mnist-dist: 1 node, 1 process(es), 0 GPU(s)" in output
     print(f"single-node job {job['JobId']}: {seconds:.0f} s, accuracy {metrics['test_accuracy']:.4f}")
+
+
+def job_processes(job_id: int) -> list[int]:
+    """Pids of live processes that belong to SLURM job ``job_id`` (their environment says so)."""
+    marker = f"SLURM_JOB_ID={job_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+# What the second node's launcher does instead of joining, in a `python` put first on the
+# job's PATH (the srun task execs it): it is killed once the first node waits for it (the
+# main port answers), or it hangs.
+NEVER_JOINS = {
+    "killed": "for i in $(seq 300); do (exec 3<>/dev/tcp/$MAIN_ADDR/$MAIN_PORT) 2>/dev/null && break; sleep 0.2; done; "
+              "kill -KILL $$",
+    "hung": "exec sleep 600",
+}
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_second_node_that_never_joins_ends_the_job_in_time_with_one_line(slurm_cluster, data_dir, tmp_path, how):
+    timeout = 15
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(
+        f'#!/bin/bash\nif [ "$SLURM_NODEID" = 1 ]; then {NEVER_JOINS[how]}; fi\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = job_env()
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", VIRTUAL_ENV=sys.prefix, RENDEZVOUS_TIMEOUT=str(timeout))
+    start = time.monotonic()
+    job_id = slurm_cluster.submit(f"--output={tmp_path}/job-%j.out", "--nodes=2",
+                                  str(REPO / "launch/multi_node.sbatch"), *train_args(data_dir, tmp_path / "run"),
+                                  cwd=REPO, env=env)
+    job = slurm_cluster.wait(job_id, timeout=timeout + 90)
+    seconds = time.monotonic() - start
+    output = (tmp_path / f"job-{job_id}.out").read_text()
+    assert job["JobState"] == "FAILED", output[-3000:]
+    ours = [line for line in output.splitlines() if line.startswith("0: Error: node 0 of 2 (node n1)")]
+    assert len(ours) == 1, output[-3000:]
+    if how == "killed":  # SLURM ends the job step (srun --kill-on-bad-exit) as soon as the node died
+        assert "was stopped by SIGTERM while waiting at n1:" in ours[0] and "(1 of 2 nodes in)" in ours[0]
+    else:
+        assert f"waited {timeout} s at n1:" in ours[0] and "and 1 of 2 nodes arrived" in ours[0]
+        assert seconds >= timeout
+    assert seconds < timeout + 60
+    assert "frame #" not in output and "Traceback" not in output
+    wait_until(lambda: job_processes(job_id) == [], 30, f"the processes of job {job_id} to end")
+    print(f"second node {how} before joining: job {job_id} ended after {seconds:.0f} s (timeout {timeout} s)")

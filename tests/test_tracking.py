@@ -344,3 +344,33 @@ def test_which_wandb_run_a_run_continues(tmp_path, case, expected):
     run_id, how = tracker._wandb_run(resumed, history, None)
     assert how == expected[0]
     assert run_id == expected[1] if expected[1] else len(run_id) == 8 and run_id.isalnum()
+
+
+def test_a_wandb_start_that_never_returns_is_given_up_in_bounded_time(tmp_path, monkeypatch, caplog):
+    """The main process waits for wandb's start at most its init timeout plus a margin, then trains on."""
+    import threading
+
+    from accelerate import Accelerator
+
+    from mnist_dist import tracking
+
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "1")
+    monkeypatch.setattr(tracking, "START_MARGIN", 1.0)
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    release = threading.Event()
+    # A start stuck in wandb (a server that never answers, wandb's own timeout not firing): it
+    # returns only when released, long after the bound.
+    monkeypatch.setattr(accelerator, "init_trackers", lambda *args, **kwargs: release.wait(30))
+    tracker = tracking.Tracker(build_config(None, {"output_dir": str(tmp_path)}), accelerator, tmp_path)
+    tracker.start({"lr": 0.5})
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        tracker.started()
+    assert 2 <= time.monotonic() - start < 6
+    assert not tracker.wandb_on
+    assert [r.getMessage() for r in caplog.records] == [
+        f"wandb did not start within 2 s; training goes on without it, the history is in {tmp_path / 'history.jsonl'}"]
+    tracker.log_step(10, {"train/loss": 0.5})
+    release.set()
+    tracker.end()
+    assert [json.loads(l)["kind"] for l in (tmp_path / "history.jsonl").read_text().splitlines()] == ["config", "step"]
