@@ -146,9 +146,15 @@ def test_reference_recipe_values():
     assert cfg == Config()
 
 
-def test_readme_config_reference_is_current():
+def test_docs_config_reference_is_current():
     from mnist_dist.config import markdown_reference
 
-    text = (REPO / "README.md").read_text()
-    table = text.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
-    assert table == markdown_reference(), "regenerate the README table with mnist_dist.config.markdown_reference()"
+    page = REPO / "docs/configuration.md"
+    text = page.read_text()
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+    assert start in text and end in text, f"{page} lost its config-reference markers"
+    table = text.split(start)[1].split(end)[0]
+    assert table == markdown_reference(), (
+        f"the configuration table in {page.relative_to(REPO)} is stale: replace the lines between its "
+        "config-reference markers with the output of mnist_dist.config.markdown_reference()"
+    )
