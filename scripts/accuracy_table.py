@@ -1,4 +1,4 @@
-"""Rerun the reference and the best recipe over several seeds and print the README's results table.
+"""Rerun the reference and the best recipe over several seeds; print the table of docs/accuracy.md.
 
     python scripts/accuracy_table.py [--seeds 0 1 2] [--runs-dir runs/accuracy] [--output table.md]
 

@@ -1,4 +1,4 @@
-"""Regenerate the README pictures of preprocessing: an input photo-like image and what the model sees.
+"""Regenerate the pictures of docs/predict.md: a photo-like input image and what the model sees.
 
     python scripts/make_predict_figure.py [--data-dir data] [--index 0] [--out-dir docs]
 
