@@ -35,8 +35,13 @@ def main() -> None:
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     model(torch.rand(8, 28, 28)).sum().backward()
     optimizer.step()  # momentum buffers exist
-    state = {"progress": {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0}, "world_size": 1,
-             "config": Config().to_dict(), "scheduler": None, "wandb_run_id": None}
+    state = {
+        "progress": {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0},
+        "world_size": 1,
+        "config": Config().to_dict(),
+        "scheduler": None,
+        "wandb_run_id": None,
+    }
     rank = {"interval_loss": 0.0, "interval_steps": 0, "epoch_loss": 0.0, "epoch_steps": 0}
     real = checkpoint.sha256_file, checkpoint._sha256_at
     none = (lambda path: ""), (lambda dir_fd, name: "")
@@ -57,8 +62,10 @@ def main() -> None:
         size = sum(f.stat().st_size for f in path.iterdir())
     with_ms, without_ms = (1000 * statistics.median(times[m]) for m in ("with", "without"))
     print(f"checkpoint of {size / 1e6:.2f} MB; medians of {args.repeats} saves each, interleaved:")
-    print(f"  save with SHA-256 checksums: {with_ms:.1f} ms; with sizes only: {without_ms:.1f} ms; "
-          f"checksums add {with_ms - without_ms:.1f} ms ({with_ms / without_ms:.2f}x)")
+    print(
+        f"  save with SHA-256 checksums: {with_ms:.1f} ms; with sizes only: {without_ms:.1f} ms; "
+        f"checksums add {with_ms - without_ms:.1f} ms ({with_ms / without_ms:.2f}x)"
+    )
     print(f"  verifying one checkpoint before loading it: {1000 * statistics.median(verify):.1f} ms")
 
 

@@ -48,8 +48,7 @@ def main() -> None:
     with torch.no_grad():
         correct = int((model(xt).argmax(1) == test_y).sum())
     eval_seconds = time.perf_counter() - start
-    print(json.dumps({"accuracy": correct / len(test_y), "train_seconds": train_seconds,
-                      "eval_seconds": eval_seconds}))
+    print(json.dumps({"accuracy": correct / len(test_y), "train_seconds": train_seconds, "eval_seconds": eval_seconds}))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,7 @@ def main() -> None:
         for x, y in test_loader:
             correct += int(model(x.to(device)).argmax(1).item() == y.item())
     eval_seconds = time.perf_counter() - start
-    print(json.dumps({"accuracy": correct / len(test), "train_seconds": train_seconds,
-                      "eval_seconds": eval_seconds}))
+    print(json.dumps({"accuracy": correct / len(test), "train_seconds": train_seconds, "eval_seconds": eval_seconds}))
 
 
 if __name__ == "__main__":

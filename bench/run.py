@@ -29,8 +29,19 @@ TRAIN_SAMPLES = 60000 * 10  # reference recipe: 10 epochs
 
 
 def launch(n: int, *extra: str) -> list[str]:
-    return [PY, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml",
-            "--num_processes", str(n), "-m", "mnist_dist.train", "--cpu", *extra]
+    return [
+        PY,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/cpu.yaml",
+        "--num_processes",
+        str(n),
+        "-m",
+        "mnist_dist.train",
+        "--cpu",
+        *extra,
+    ]
 
 
 def configurations(data_dir: str) -> dict[str, tuple[list[str], str]]:
@@ -43,7 +54,9 @@ def configurations(data_dir: str) -> dict[str, tuple[list[str], str]]:
         "mnist-dist, 1 process": ([PY, "-m", "mnist_dist.train", *ref], "run"),
         "mnist-dist, 2 processes, global batch": (launch(2, *ref), "run"),
         "mnist-dist, 2 processes, per-device batch": (
-            launch(2, *ref, "--batch-mode", "per_device", "--lr-scaling", "linear"), "run"),
+            launch(2, *ref, "--batch-mode", "per_device", "--lr-scaling", "linear"),
+            "run",
+        ),
     }
 
 
@@ -63,8 +76,12 @@ def measure(cmd: list[str], kind: str, env: dict) -> dict:
             result.update(accuracy=data["accuracy"], train=data["train_seconds"], eval=data["eval_seconds"])
         elif kind == "run":
             m = json.loads((Path(out) / "metrics.json").read_text())
-            result.update(accuracy=m["test_accuracy"], train=m["train_seconds"], eval=m["eval_seconds"],
-                          samples_per_second=m["steps"] * m["global_batch_size"] / m["train_seconds"])
+            result.update(
+                accuracy=m["test_accuracy"],
+                train=m["train_seconds"],
+                eval=m["eval_seconds"],
+                samples_per_second=m["steps"] * m["global_batch_size"] / m["train_seconds"],
+            )
         if "train" in result and "samples_per_second" not in result:
             result["samples_per_second"] = TRAIN_SAMPLES / result["train"]
         return result
@@ -77,23 +94,30 @@ def median(rows: list[dict], key: str):
 
 def table(results: dict[str, list[dict]]) -> str:
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-    lines = ["| configuration | accuracy | train s | eval s | end-to-end s | samples/s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| configuration | accuracy | train s | eval s | end-to-end s | samples/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, rows in results.items():
         acc = median(rows, "accuracy")
         lines.append(
             f"| {name} | {fmt(acc and 100 * acc, '.2f')} | {fmt(median(rows, 'train'), '.2f')} | "
             f"{fmt(median(rows, 'eval'), '.3f')} | {fmt(median(rows, 'end_to_end'), '.2f')} | "
-            f"{fmt(median(rows, 'samples_per_second'), ',.0f')} | {fmt(median(rows, 'peak_mb'), '.0f')} |")
+            f"{fmt(median(rows, 'samples_per_second'), ',.0f')} | {fmt(median(rows, 'peak_mb'), '.0f')} |"
+        )
     base, ours, floor = (results.get(k) for k in ("naive baseline", "mnist-dist, 1 process", "compute floor"))
     imp = results.get("import torch+torchvision+accelerate")
     lines.append("")
     if base and ours:
-        lines.append(f"- naive / mnist-dist end to end: **{median(base, 'end_to_end') / median(ours, 'end_to_end'):.2f}x**")
+        lines.append(
+            f"- naive / mnist-dist end to end: **{median(base, 'end_to_end') / median(ours, 'end_to_end'):.2f}x**"
+        )
     if floor and ours:
         lines.append(f"- mnist-dist / floor, training time: **{median(ours, 'train') / median(floor, 'train'):.3f}x**")
     if imp and ours:
-        lines.append(f"- mnist-dist peak RSS above the bare import: **{median(ours, 'peak_mb') - median(imp, 'peak_mb'):.0f} MB**")
+        lines.append(
+            f"- mnist-dist peak RSS above the bare import: **{median(ours, 'peak_mb') - median(imp, 'peak_mb'):.0f} MB**"
+        )
     return "\n".join(lines)
 
 
@@ -116,15 +140,19 @@ def main() -> None:
         for name, (cmd, kind) in configs.items():
             r = measure(cmd, kind, env)
             results[name].append(r)
-            print(f"round {round_ + 1}/{args.repeats} {name}: " + json.dumps({k: round(v, 4) for k, v in r.items()}),
-                  flush=True)
+            print(
+                f"round {round_ + 1}/{args.repeats} {name}: " + json.dumps({k: round(v, 4) for k, v in r.items()}),
+                flush=True,
+            )
     text = table(results)
     print(text)
     if args.write:
-        header = (f"Measured {date.today().isoformat()} on {platform.node() or 'this machine'}: "
-                  f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python "
-                  f"{platform.python_version()}, torch {__import__('torch').__version__}; medians of "
-                  f"{args.repeats} interleaved rounds.\n\nCommand: `python bench/run.py --repeats {args.repeats}`\n\n")
+        header = (
+            f"Measured {date.today().isoformat()} on {platform.node() or 'this machine'}: "
+            f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python "
+            f"{platform.python_version()}, torch {__import__('torch').__version__}; medians of "
+            f"{args.repeats} interleaved rounds.\n\nCommand: `python bench/run.py --repeats {args.repeats}`\n\n"
+        )
         write_between_markers(Path(args.write), header + text + "\n")
 
 

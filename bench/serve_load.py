@@ -59,8 +59,13 @@ def on_paper(digit: np.ndarray) -> bytes:
 def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     """A multipart/form-data body with ``files`` as fields named ``file``, and its Content-Type."""
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-             f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for name, data in files]
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for name, data in files
+    ]
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -163,8 +168,10 @@ def run_phase(url: str, requests: list[Request], count: int, clients: int, time_
     host, port = url.split("//")[1].rstrip("/").split(":")
     tally, counter = Tally(), iter(range(count))
     deadline = time.monotonic() + time_limit
-    threads = [threading.Thread(target=client, args=(host, int(port), requests, counter, deadline, tally))
-               for _ in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(host, int(port), requests, counter, deadline, tally))
+        for _ in range(clients)
+    ]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -177,29 +184,44 @@ def summary(name: str, count: int, tally: Tally, seconds: float, rss: float) -> 
     lat = np.array(tally.latencies) * 1000
     sent = len(tally.latencies) + tally.dropped
     return {
-        "phase": name, "requests": f"{len(tally.latencies)}/{count}", "seconds": round(seconds, 1),
-        "requests/s": round(len(tally.latencies) / seconds, 1), "images/s": round(tally.images / seconds, 1),
+        "phase": name,
+        "requests": f"{len(tally.latencies)}/{count}",
+        "seconds": round(seconds, 1),
+        "requests/s": round(len(tally.latencies) / seconds, 1),
+        "images/s": round(tally.images / seconds, 1),
         "p50 ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
         "p99 ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
-        "failed": tally.failed, "dropped": tally.dropped, "not sent": count - sent,
-        "wrong digits": f"{tally.wrong_digits}/{tally.images}", "RSS after, MB": round(rss),
+        "failed": tally.failed,
+        "dropped": tally.dropped,
+        "not sent": count - sent,
+        "wrong digits": f"{tally.wrong_digits}/{tally.images}",
+        "RSS after, MB": round(rss),
     }
 
 
 def markdown(rows: list[dict], garbage: dict[str, list[int]], rss_start: float, args, command: str) -> str:
     cols = list(rows[0])
     lines = [
-        f"## `mnist-dist serve` under load ({date.today().isoformat()})", "",
+        f"## `mnist-dist serve` under load ({date.today().isoformat()})",
+        "",
         f"Measured on {platform.node()}: {os.cpu_count()} CPUs ({platform.machine()}), Python "
         f"{platform.python_version()}; server and {args.clients} client threads (+1 garbage client) on the "
-        "same machine, over loopback.", "",
-        f"Command: `{command}`", "",
-        "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
-        *("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows), "",
-        f"Server RSS after start and warm-up: {rss_start:.0f} MB.", "",
-        "Garbage sent alongside (status: count; 0 = not a JSON error, -1 = no answer):", "",
-        *(f"- {name}: " + ", ".join(f"{s}: {codes.count(s)}" for s in sorted(set(codes)))
-          for name, codes in garbage.items()),
+        "same machine, over loopback.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+        *("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows),
+        "",
+        f"Server RSS after start and warm-up: {rss_start:.0f} MB.",
+        "",
+        "Garbage sent alongside (status: count; 0 = not a JSON error, -1 = no answer):",
+        "",
+        *(
+            f"- {name}: " + ", ".join(f"{s}: {codes.count(s)}" for s in sorted(set(codes)))
+            for name, codes in garbage.items()
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -219,8 +241,13 @@ def main() -> None:
     images, labels = load_split(ensure_dataset(args.data_dir, "mnist"), "mnist", "test")
     pictures = [(f"{i}.png", on_paper(images[i].numpy()), int(labels[i])) for i in range(512)]
     singles = [Request(*multipart([(name, data)]), [label]) for name, data, label in pictures]
-    batches = [Request(*multipart([(n, d) for n, d, _ in pictures[k : k + BATCH]]),
-                       [label for *_, label in pictures[k : k + BATCH]]) for k in range(0, 512, BATCH)]
+    batches = [
+        Request(
+            *multipart([(n, d) for n, d, _ in pictures[k : k + BATCH]]),
+            [label for *_, label in pictures[k : k + BATCH]],
+        )
+        for k in range(0, 512, BATCH)
+    ]
 
     with running_server(args.weights) as server:
         run_phase(server.url, singles, 50, 2, 60)  # warm-up
@@ -231,8 +258,11 @@ def main() -> None:
         bad = threading.Thread(target=garbage_client, args=(host, int(port), stop, garbage))
         bad.start()
         rows = []
-        for name, requests, count in [("single image", singles, args.singles), (f"batch of {BATCH}", batches,
-                                      args.batches), ("single image, again", singles, args.singles)]:
+        for name, requests, count in [
+            ("single image", singles, args.singles),
+            (f"batch of {BATCH}", batches, args.batches),
+            ("single image, again", singles, args.singles),
+        ]:
             tally, seconds = run_phase(server.url, requests, count, args.clients, args.time_limit)
             rows.append(summary(name, count, tally, seconds, rss_mb(server.process.pid)))
         stop.set()

@@ -46,11 +46,30 @@ FORMAT, READABLE_FORMATS = 2, (1, 2)
 
 # Config keys a resumed run may change: where files go, what is logged, how often to
 # checkpoint, how evaluation is batched. Every other key changes the training mathematics.
-FREE_TO_CHANGE = frozenset({
-    "data_dir", "output_dir", "resume", "requeue", "checkpoint_every", "checkpoint_every_epochs",
-    "keep_checkpoints", "log_every", "collective_timeout", "rendezvous_timeout", "eval_batch_size", "check_finite", "cpu",
-    "tracker", "wandb_project", "wandb_entity", "wandb_run_name", "wandb_tags", "wandb_group", "wandb_dir",
-})
+FREE_TO_CHANGE = frozenset(
+    {
+        "data_dir",
+        "output_dir",
+        "resume",
+        "requeue",
+        "checkpoint_every",
+        "checkpoint_every_epochs",
+        "keep_checkpoints",
+        "log_every",
+        "collective_timeout",
+        "rendezvous_timeout",
+        "eval_batch_size",
+        "check_finite",
+        "cpu",
+        "tracker",
+        "wandb_project",
+        "wandb_entity",
+        "wandb_run_name",
+        "wandb_tags",
+        "wandb_group",
+        "wandb_dir",
+    }
+)
 # With a constant learning rate the run's length does not change any step already taken.
 LENGTH_KEYS = frozenset({"epochs", "max_steps"})
 
@@ -69,7 +88,7 @@ def step_of(path: Path) -> int | None:
     if not name.startswith("step-"):
         return None
     try:
-        return int(name[len("step-"):])
+        return int(name[len("step-") :])
     except ValueError:
         return None
 
@@ -119,8 +138,10 @@ def _manifest_problem(dir_fd: int, manifest: dict[str, Any], fmt: int) -> str | 
         if digest is not None:
             actual = _sha256_at(dir_fd, name)
             if actual != digest:
-                return (f"{name} does not match its checksum (SHA-256 {actual[:12]}..., {digest[:12]}... was "
-                        "written): its bytes changed after the save")
+                return (
+                    f"{name} does not match its checksum (SHA-256 {actual[:12]}..., {digest[:12]}... was "
+                    "written): its bytes changed after the save"
+                )
     return None
 
 
@@ -142,8 +163,10 @@ def inspect(path: Path) -> Verdict:
             return Verdict(path, f"it has no {STATE_FILE} (not a checkpoint, or its save never finished)")
         fmt = state.get("format")
         if fmt not in READABLE_FORMATS:
-            return Verdict(path, f"{STATE_FILE} has format {fmt!r}; this version reads formats "
-                                 f"{', '.join(map(str, READABLE_FORMATS))}")
+            return Verdict(
+                path,
+                f"{STATE_FILE} has format {fmt!r}; this version reads formats {', '.join(map(str, READABLE_FORMATS))}",
+            )
         if fmt >= 2 and state.get("sha256") != state_digest(state):
             return Verdict(path, f"{STATE_FILE} does not match its checksum: its bytes changed after the save")
         problem = _manifest_problem(dir_fd, state["files"], fmt)
@@ -215,12 +238,16 @@ def _requested(resume: str) -> Path:
             raise CheckpointError(f"--resume {path}: that run directory has no usable checkpoint")
         return newest
     if not path.is_dir():
-        raise CheckpointError(f"--resume {path}: no such checkpoint directory; pass a checkpoint "
-                              f"(RUN_DIR/{CHECKPOINTS_DIR}/step-N), a run directory, 'auto' or 'none'")
+        raise CheckpointError(
+            f"--resume {path}: no such checkpoint directory; pass a checkpoint "
+            f"(RUN_DIR/{CHECKPOINTS_DIR}/step-N), a run directory, 'auto' or 'none'"
+        )
     verdict = inspect(path)
     if not verdict.ok:
-        raise CheckpointError(f"--resume {path}: this checkpoint cannot be used: {verdict.problem}; "
-                              "resume from an earlier checkpoint or run directory instead")
+        raise CheckpointError(
+            f"--resume {path}: this checkpoint cannot be used: {verdict.problem}; "
+            "resume from an earlier checkpoint or run directory instead"
+        )
     return path
 
 
@@ -245,8 +272,13 @@ def resolve(cfg: Config, run_dir: Path) -> Path | None:
     if cfg.resume != "auto":
         chosen = _requested(cfg.resume)
         if own is not None and own.resolve() != chosen.resolve() and step_of(own) >= step_of(chosen):
-            log.info("%s holds a newer checkpoint (step %d) than --resume %s (step %d): continuing from it",
-                     run_dir, step_of(own), cfg.resume, step_of(chosen))
+            log.info(
+                "%s holds a newer checkpoint (step %d) than --resume %s (step %d): continuing from it",
+                run_dir,
+                step_of(own),
+                cfg.resume,
+                step_of(chosen),
+            )
             chosen = own
     if chosen is not None and inspect(chosen).size_only:
         log.info("note: checkpoint %s was written before checksums; it could only be checked by size", chosen)
@@ -395,8 +427,7 @@ _seen_good: dict[Path, tuple] = {}
 
 
 def _signature(path: Path) -> tuple:
-    return tuple(sorted((f.name, st.st_ino, st.st_size, st.st_mtime_ns)
-                        for f in path.iterdir() for st in [f.stat()]))
+    return tuple(sorted((f.name, st.st_ino, st.st_size, st.st_mtime_ns) for f in path.iterdir() for st in [f.stat()]))
 
 
 def _still_good(path: Path) -> bool:
@@ -529,6 +560,8 @@ def verify_run(run_dir: Path) -> tuple[list[str], bool]:
             ok = False
             lines.append(f"{WEIGHTS_FILE}: damaged: {problem}")
         else:
-            lines.append(f"{WEIGHTS_FILE}: " + ("good (SHA-256 verified)" if recorded else
-                                               "no checksum recorded (written before checksums)"))
+            lines.append(
+                f"{WEIGHTS_FILE}: "
+                + ("good (SHA-256 verified)" if recorded else "no checksum recorded (written before checksums)")
+            )
     return lines, ok

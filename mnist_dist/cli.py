@@ -24,8 +24,16 @@ from .preempt import Stopped
 from .train import NonFiniteError
 
 # Errors whose message is the whole story: shown as one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, NonFiniteError, CheckpointError,
-               WeightsChangedError, RendezvousError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    RunDirError,
+    FileNotFoundError,
+    NonFiniteError,
+    CheckpointError,
+    WeightsChangedError,
+    RendezvousError,
+)
 
 
 class _OneLineErrors:
@@ -76,7 +84,9 @@ def config_options(func):
     for name in reversed(list(FIELDS)):
         func = _option_for(name)(func)
     return click.option(
-        "--config", "config_path", type=click.Path(dir_okay=False),
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
         help="YAML file of config keys (defaults < file < options).",
     )(func)
 
@@ -108,8 +118,12 @@ def train_command(config_path: str | None, **overrides: Any) -> None:
 
 
 @click.command("eval", cls=Command)
-@click.option("--weights", required=True, type=click.Path(),
-              help="model.safetensors to evaluate, or a run directory (its weights, checksum verified).")
+@click.option(
+    "--weights",
+    required=True,
+    type=click.Path(),
+    help="model.safetensors to evaluate, or a run directory (its weights, checksum verified).",
+)
 @click.option("--output", type=click.Path(dir_okay=False), help="Write metrics (with confusion matrix) as JSON here.")
 @config_options
 def eval_command(weights: str, output: str | None, config_path: str | None, **overrides: Any) -> None:
@@ -162,8 +176,9 @@ def verify_command(run_dir: str) -> None:
 
 
 @click.command("doctor", cls=Command)
-@click.option("--report", type=click.Path(dir_okay=False),
-              help="Write the JSON report here (default: OUTPUT_DIR/doctor.json).")
+@click.option(
+    "--report", type=click.Path(dir_okay=False), help="Write the JSON report here (default: OUTPUT_DIR/doctor.json)."
+)
 @config_options
 def doctor_command(report: str | None, config_path: str | None, **overrides: Any) -> None:
     """Check, before training, what would make it fail or hang: versions, devices, rendezvous,
@@ -179,8 +194,13 @@ def doctor_command(report: str | None, config_path: str | None, **overrides: Any
 @click.option("--node-rank", type=click.IntRange(min=0), required=True, help="This node's rank (0: the main node).")
 @click.option("--main-addr", required=True, help="Address of node 0 (where the main process runs).")
 @click.option("--main-port", type=click.IntRange(1, 65535), required=True, help="Port the launcher will use.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              help="Seconds to wait for all nodes.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for all nodes.",
+)
 def rendezvous_command(nodes: int, node_rank: int, main_addr: str, main_port: int, timeout: float) -> None:
     """Wait until every node of a job is up, before the launcher starts (used by launch/)."""
     import time
@@ -233,23 +253,41 @@ def _serve_module():
             raise
         raise click.ClickException(
             f"mnist-dist serve needs the package {exc.name!r}, not installed: "
-            "pip install 'mnist-dist[serve]' (in a checkout: pip install -e '.[serve]')") from None
+            "pip install 'mnist-dist[serve]' (in a checkout: pip install -e '.[serve]')"
+        ) from None
     return serve
 
 
 @click.command("serve", cls=Command)
-@click.option("--weights", required=True, type=click.Path(dir_okay=True),
-              help="model.safetensors of a run, or the run directory.")
+@click.option(
+    "--weights", required=True, type=click.Path(dir_okay=True), help="model.safetensors of a run, or the run directory."
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all interfaces).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
-@click.option("--max-file-mb", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
-              help="Largest image file accepted, in MB.")
-@click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True,
-              help="Most images (files or arrays) in one request.")
-@click.option("--max-request-mb", type=click.FloatRange(0, min_open=True), default=32.0, show_default=True,
-              help="Largest request body accepted, in MB.")
-def serve_command(weights: str, host: str, port: int, max_file_mb: float, max_batch: int,
-                  max_request_mb: float) -> None:
+@click.option(
+    "--max-file-mb",
+    type=click.FloatRange(0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Largest image file accepted, in MB.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Most images (files or arrays) in one request.",
+)
+@click.option(
+    "--max-request-mb",
+    type=click.FloatRange(0, min_open=True),
+    default=32.0,
+    show_default=True,
+    help="Largest request body accepted, in MB.",
+)
+def serve_command(
+    weights: str, host: str, port: int, max_file_mb: float, max_batch: int, max_request_mb: float
+) -> None:
     """Serve a page to draw digits on, and an HTTP API: POST /predict, GET /healthz."""
     serve = _serve_module()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -41,8 +41,7 @@ class Config:
     batch_size: int = _opt(64, "Batch size; global or per device, see batch_mode.", min=1)
     batch_mode: str = _opt(
         "global",
-        "global: batch_size is split over processes (same maths on 1..N); "
-        "per_device: each process takes batch_size.",
+        "global: batch_size is split over processes (same maths on 1..N); per_device: each process takes batch_size.",
         choices=("global", "per_device"),
     )
     eval_batch_size: int = _opt(1000, "Evaluation batch size per process.", min=1)
@@ -64,7 +63,8 @@ class Config:
     )
     # Recipe: schedule, loss, inputs, validation (all off by default: the reference recipe)
     lr_schedule: str = _opt(
-        "constant", "Learning rate after the warm-up, per optimizer step: constant, or decaying to 0.",
+        "constant",
+        "Learning rate after the warm-up, per optimizer step: constant, or decaying to 0.",
         choices=("constant", "cosine", "linear"),
     )
     warmup_fraction: float = _opt(
@@ -85,9 +85,7 @@ class Config:
     augment_elastic: float = _opt(
         0.0, "Elastic distortion of training images: smooth random displacements of std N pixels.", min=0.0
     )
-    val_size: int = _opt(
-        0, "Hold out the last N training images and evaluate on them instead of the test set.", min=0
-    )
+    val_size: int = _opt(0, "Hold out the last N training images and evaluate on them instead of the test set.", min=0)
     # Execution
     cpu: bool = _opt(False, "Train on CPU even if a GPU is present (needed for CPU processes).")
     mixed_precision: str = _opt(
@@ -107,7 +105,8 @@ class Config:
     )
     # Checkpoints, resume and preemption
     checkpoint_every: int = _opt(
-        0, "Also save a checkpoint every N optimizer steps (0: only at epoch ends, at the end, and on a stop signal).",
+        0,
+        "Also save a checkpoint every N optimizer steps (0: only at epoch ends, at the end, and on a stop signal).",
         min=0,
     )
     checkpoint_every_epochs: int = _opt(1, "Save a checkpoint every N epochs (0: not at epoch ends).", min=0)
@@ -137,9 +136,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict of every key (tuples become lists)."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
@@ -160,10 +157,19 @@ def is_optional(name: str) -> bool:
 
 # Names other libraries use for our keys, so the suggestion is right even when spelling is far off.
 _SYNONYMS = {
-    "learning_rate": "lr", "num_epochs": "epochs", "hidden_size": "hidden_sizes", "hidden": "hidden_sizes",
-    "train_batch_size": "batch_size", "per_device_train_batch_size": "batch_size", "bs": "batch_size",
-    "output": "output_dir", "out_dir": "output_dir", "data_root": "data_dir", "steps": "max_steps",
-    "lerning_rate": "lr", "learningrate": "lr",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "hidden_size": "hidden_sizes",
+    "hidden": "hidden_sizes",
+    "train_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+    "bs": "batch_size",
+    "output": "output_dir",
+    "out_dir": "output_dir",
+    "data_root": "data_dir",
+    "steps": "max_steps",
+    "lerning_rate": "lr",
+    "learningrate": "lr",
 }
 
 
@@ -196,8 +202,10 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ConfigError(f"config key '{name}' must be integers like 256 or 512,256, got {value!r}") from None
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
-        if not isinstance(value, (list, tuple)) or not value or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
+        if (
+            not isinstance(value, (list, tuple))
+            or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         ):
             raise ConfigError(f"config key '{name}' must be a non-empty list of integers, got {value!r}")
         items = tuple(value)

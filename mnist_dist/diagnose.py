@@ -33,8 +33,12 @@ def versions_agree(facts: list[dict[str, Any]]) -> Check:
     if not diff:
         return Check("versions", OK, summary + (" on every rank" if len(facts) > 1 else ""))
     f, k = diff[0]
-    return Check("versions", FAIL, f"{_where(f)} has {k} {f['versions'].get(k)}, rank 0 has {ref[k]} "
-                                   f"({len(diff)} difference(s)); install the same versions on every node")
+    return Check(
+        "versions",
+        FAIL,
+        f"{_where(f)} has {k} {f['versions'].get(k)}, rank 0 has {ref[k]} "
+        f"({len(diff)} difference(s)); install the same versions on every node",
+    )
 
 
 def devices_seen(facts: list[dict[str, Any]]) -> Check:
@@ -55,26 +59,38 @@ def launch_shape(facts: list[dict[str, Any]]) -> Check:
     kinds = {f["devices"]["uses"] for f in facts}
     if len(kinds) > 1:
         cpu_rank = next(f for f in facts if f["devices"]["uses"] == "cpu")
-        return Check("launch shape", FAIL, f"{_where(cpu_rank)} would train on the CPU while others use GPUs (they "
-                                           "would not find each other); give every node GPUs, or pass --cpu")
+        return Check(
+            "launch shape",
+            FAIL,
+            f"{_where(cpu_rank)} would train on the CPU while others use GPUs (they "
+            "would not find each other); give every node GPUs, or pass --cpu",
+        )
     warnings, parts = [], []
     for node, fs in _by_node(facts).items():
         d, procs = fs[0]["devices"], max(f["procs_per_node"] for f in fs)
         if d["uses"] == "cuda":
             parts.append(f"{node}: {procs} process(es) for {d['gpus']} GPU(s)")
             if procs > d["gpus"]:
-                return Check("launch shape", FAIL, f"node {node}: {procs} processes for {d['gpus']} GPU(s) would "
-                                                   f"share a GPU; launch {d['gpus']} per node (PROCS_PER_NODE, "
-                                                   "--num_processes)")
+                return Check(
+                    "launch shape",
+                    FAIL,
+                    f"node {node}: {procs} processes for {d['gpus']} GPU(s) would "
+                    f"share a GPU; launch {d['gpus']} per node (PROCS_PER_NODE, "
+                    "--num_processes)",
+                )
             if procs < d["gpus"]:
-                warnings.append(f"node {node} uses {procs} of its {d['gpus']} GPUs; launch {d['gpus']} processes "
-                                "per node (PROCS_PER_NODE, --num_processes) to use them all")
+                warnings.append(
+                    f"node {node} uses {procs} of its {d['gpus']} GPUs; launch {d['gpus']} processes "
+                    "per node (PROCS_PER_NODE, --num_processes) to use them all"
+                )
         else:
             threads = fs[0]["devices"]["threads"]
             parts.append(f"{node}: {procs} CPU process(es) x {threads} thread(s) on {d['cpus']} CPU(s)")
             if procs * threads > d["cpus"]:
-                warnings.append(f"node {node}: {procs} process(es) x {threads} threads on {d['cpus']} CPUs is "
-                                f"oversubscribed (slower); set OMP_NUM_THREADS={max(1, d['cpus'] // procs)}")
+                warnings.append(
+                    f"node {node}: {procs} process(es) x {threads} threads on {d['cpus']} CPUs is "
+                    f"oversubscribed (slower); set OMP_NUM_THREADS={max(1, d['cpus'] // procs)}"
+                )
     if warnings:
         return Check("launch shape", WARN, "; ".join(warnings))
     return Check("launch shape", OK, "; ".join(parts))
@@ -88,21 +104,37 @@ def slurm_allocation(facts: list[dict[str, Any]]) -> Check:
     nodes = sorted({f["node"] for f in facts})
     jobs = {f["slurm"]["job_id"] for f in facts if f["slurm"]}
     if len(jobs) > 1 or any(f["slurm"] is None for f in facts):
-        return Check("slurm", FAIL, f"the processes belong to different SLURM jobs ({', '.join(sorted(jobs))}); "
-                                    "start every node from one job (srun inside sbatch)")
+        return Check(
+            "slurm",
+            FAIL,
+            f"the processes belong to different SLURM jobs ({', '.join(sorted(jobs))}); "
+            "start every node from one job (srun inside sbatch)",
+        )
     if int(s0["nnodes"]) != len(nodes):
-        return Check("slurm", FAIL, f"job {s0['job_id']} has {s0['nnodes']} node(s), the processes run on "
-                                    f"{len(nodes)} ({', '.join(nodes)}); launch one task per node "
-                                    "(srun --ntasks-per-node=1), as launch/multi_node.sbatch does")
+        return Check(
+            "slurm",
+            FAIL,
+            f"job {s0['job_id']} has {s0['nnodes']} node(s), the processes run on "
+            f"{len(nodes)} ({', '.join(nodes)}); launch one task per node "
+            "(srun --ntasks-per-node=1), as launch/multi_node.sbatch does",
+        )
     for node, fs in _by_node(facts).items():
         s, d = fs[0]["slurm"], fs[0]["devices"]
         if s["gpus_on_node"] and int(s["gpus_on_node"]) != d["gpus"]:
-            return Check("slurm", WARN, f"node {node}: SLURM allocated {s['gpus_on_node']} GPU(s), {d['gpus']} are "
-                                        "visible; check CUDA_VISIBLE_DEVICES and --gpus-per-node")
+            return Check(
+                "slurm",
+                WARN,
+                f"node {node}: SLURM allocated {s['gpus_on_node']} GPU(s), {d['gpus']} are "
+                "visible; check CUDA_VISIBLE_DEVICES and --gpus-per-node",
+            )
     ids = ",".join(str(f["slurm"]["nodeid"]) for f in facts if f["local_rank"] == 0)
     settings = ", ".join(f"{k} {s0.get(k)}" for k in ("requeue", "signal", "time_limit") if k in s0)
-    return Check("slurm", OK, f"job {s0['job_id']}: {s0['nnodes']} node(s) ({s0['job_nodelist']}), node ids {ids}, "
-                              f"GPUs per node {s0['gpus_on_node'] or 0}" + (f"; {settings}" if settings else ""))
+    return Check(
+        "slurm",
+        OK,
+        f"job {s0['job_id']}: {s0['nnodes']} node(s) ({s0['job_nodelist']}), node ids {ids}, "
+        f"GPUs per node {s0['gpus_on_node'] or 0}" + (f"; {settings}" if settings else ""),
+    )
 
 
 def run_directory(facts: list[dict[str, Any]], output_dir: str) -> list[Check]:
@@ -113,16 +145,23 @@ def run_directory(facts: list[dict[str, Any]], output_dir: str) -> list[Check]:
     unseen = [f for f in facts if not f["sees_token"]]
     nodes = len(_by_node(facts))
     if unseen:
-        shared = Check("run directory", FAIL, f"{_where(unseen[0])} does not see the file rank 0 wrote in "
-                                              f"{output_dir}: it is not the same directory on every node (a node-local "
-                                              "disk?); put --output-dir on a filesystem every node mounts")
+        shared = Check(
+            "run directory",
+            FAIL,
+            f"{_where(unseen[0])} does not see the file rank 0 wrote in "
+            f"{output_dir}: it is not the same directory on every node (a node-local "
+            "disk?); put --output-dir on a filesystem every node mounts",
+        )
     else:
         same = f", the same on all {nodes} nodes" if nodes > 1 else ""
         shared = Check("run directory", OK, f"{output_dir} writable{same}")
     least = min(facts, key=lambda f: f["run_dir"]["free_bytes"])
     free = least["run_dir"]["free_bytes"]
-    status, fix = (OK, "") if free >= MIN_FREE_BYTES else (FAIL, f"; free at least {MIN_FREE_BYTES >> 20} MB for "
-                                                                  "checkpoints, or choose another --output-dir")
+    status, fix = (
+        (OK, "")
+        if free >= MIN_FREE_BYTES
+        else (FAIL, f"; free at least {MIN_FREE_BYTES >> 20} MB for checkpoints, or choose another --output-dir")
+    )
     detail = f"{free / 2**30:.1f} GB free in {output_dir} (least: node {least['node']}){fix}"
     return [shared, Check("disk", status, detail)]
 
@@ -136,14 +175,25 @@ def data_present(facts: list[dict[str, Any]], data_dir: str, dataset: str) -> Ch
         if data is None:
             continue
         if data["corrupt"]:
-            return Check("data", FAIL, f"node {f['node']}: {data['corrupt'][0]}; re-fetch it with: "
-                                       f"{fix_command(data_dir, DATASETS[dataset])}")
+            return Check(
+                "data",
+                FAIL,
+                f"node {f['node']}: {data['corrupt'][0]}; re-fetch it with: {fix_command(data_dir, DATASETS[dataset])}",
+            )
         if data["missing"]:
-            return Check("data", FAIL, f"node {f['node']}: {dataset} is missing in {data['raw_dir']} "
-                                       f"({len(data['missing'])} of 4 files); fetch it first, where there is internet: "
-                                       f"mnist-dist data download --dataset {dataset} --data-dir {data_dir}")
-    return Check("data", OK, f"{dataset} verified (sizes and md5s) in {facts[0]['data']['raw_dir']}"
-                             + (" on every node" if len(_by_node(facts)) > 1 else ""))
+            return Check(
+                "data",
+                FAIL,
+                f"node {f['node']}: {dataset} is missing in {data['raw_dir']} "
+                f"({len(data['missing'])} of 4 files); fetch it first, where there is internet: "
+                f"mnist-dist data download --dataset {dataset} --data-dir {data_dir}",
+            )
+    return Check(
+        "data",
+        OK,
+        f"{dataset} verified (sizes and md5s) in {facts[0]['data']['raw_dir']}"
+        + (" on every node" if len(_by_node(facts)) > 1 else ""),
+    )
 
 
 # -- collectives ---------------------------------------------------------------------------------
@@ -194,10 +244,14 @@ def collectives(accelerator, hidden_sizes, global_batch: int) -> tuple[Check, di
     total = accelerator.reduce(torch.tensor([rank + 1.0], device=device), reduction="sum").item()
     ranks = accelerator.gather(torch.tensor([rank], device=device)).tolist()
     if total != world * (world + 1) / 2 or ranks != list(range(world)):
-        return Check("collectives", FAIL, f"all-reduce gave {total:g} (expected {world * (world + 1) // 2}) and "
-                                          f"all-gather {ranks}: the {torch.distributed.get_backend()} backend is "
-                                          "broken; check the network interface (NCCL_SOCKET_IFNAME, "
-                                          "GLOO_SOCKET_IFNAME)"), {"world_size": world}
+        return Check(
+            "collectives",
+            FAIL,
+            f"all-reduce gave {total:g} (expected {world * (world + 1) // 2}) and "
+            f"all-gather {ranks}: the {torch.distributed.get_backend()} backend is "
+            "broken; check the network interface (NCCL_SOCKET_IFNAME, "
+            "GLOO_SOCKET_IFNAME)",
+        ), {"world_size": world}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -211,13 +265,25 @@ def collectives(accelerator, hidden_sizes, global_batch: int) -> tuple[Check, di
     alone = step_seconds(hidden_sizes, global_batch, device, sync)
     shared = step_seconds(hidden_sizes, max(1, global_batch // world), device, sync)
     speedup = alone / (shared + seconds)
-    figures = {"world_size": world, "backend": torch.distributed.get_backend(), "gradient_floats": numel,
-               "latency_ms": 1e3 * latency, "allreduce_ms": 1e3 * seconds, "bus_gb_per_s": bus / 1e9,
-               "step_ms_one_process": 1e3 * alone, "step_ms_per_process": 1e3 * shared,
-               "estimated_speedup": speedup}
+    figures = {
+        "world_size": world,
+        "backend": torch.distributed.get_backend(),
+        "gradient_floats": numel,
+        "latency_ms": 1e3 * latency,
+        "allreduce_ms": 1e3 * seconds,
+        "bus_gb_per_s": bus / 1e9,
+        "step_ms_one_process": 1e3 * alone,
+        "step_ms_per_process": 1e3 * shared,
+        "estimated_speedup": speedup,
+    }
     verdict = "faster than one" if speedup > 1 else "slower than one: communication outweighs compute"
-    return Check("collectives", OK, (
-        f"all-reduce and all-gather correct ({figures['backend']}); latency {1e3 * latency:.2f} ms; gradient "
-        f"({numel:,} floats) all-reduce {1e3 * seconds:.2f} ms ({bus / 1e9:.2f} GB/s bus); a step computes in "
-        f"{1e3 * shared:.2f} ms per process vs {1e3 * alone:.2f} ms on one: {world} processes ~{speedup:.2f}x "
-        f"one ({verdict})")), figures
+    return Check(
+        "collectives",
+        OK,
+        (
+            f"all-reduce and all-gather correct ({figures['backend']}); latency {1e3 * latency:.2f} ms; gradient "
+            f"({numel:,} floats) all-reduce {1e3 * seconds:.2f} ms ({bus / 1e9:.2f} GB/s bus); a step computes in "
+            f"{1e3 * shared:.2f} ms per process vs {1e3 * alone:.2f} ms on one: {world} processes ~{speedup:.2f}x "
+            f"one ({verdict})"
+        ),
+    ), figures

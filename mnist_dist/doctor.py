@@ -49,8 +49,9 @@ def run_doctor(cfg: Config, report: str | None = None) -> int:
     setup_logging(accelerator.is_main_process)
     joined = time.monotonic() - start
     facts["sees_token"] = _sees_main_token(cfg, accelerator)
-    comm, figures = diagnose.collectives(accelerator, cfg.hidden_sizes,
-                                         global_batch_size(cfg, accelerator.num_processes))
+    comm, figures = diagnose.collectives(
+        accelerator, cfg.hidden_sizes, global_batch_size(cfg, accelerator.num_processes)
+    )
     from accelerate.utils import gather_object
 
     everyone = sorted(gather_object([facts]), key=lambda f: f["rank"])
@@ -64,9 +65,14 @@ def run_doctor(cfg: Config, report: str | None = None) -> int:
 
 
 def _verdicts(cfg: Config, facts: list[dict[str, Any]], plan: Check | None) -> list[Check]:
-    checks = [diagnose.versions_agree(facts), diagnose.devices_seen(facts), diagnose.launch_shape(facts),
-              diagnose.slurm_allocation(facts), *diagnose.run_directory(facts, cfg.output_dir),
-              diagnose.data_present(facts, cfg.data_dir, cfg.dataset)]
+    checks = [
+        diagnose.versions_agree(facts),
+        diagnose.devices_seen(facts),
+        diagnose.launch_shape(facts),
+        diagnose.slurm_allocation(facts),
+        *diagnose.run_directory(facts, cfg.output_dir),
+        diagnose.data_present(facts, cfg.data_dir, cfg.dataset),
+    ]
     return checks + ([plan] if plan else [])
 
 
@@ -111,28 +117,41 @@ def _report_alone(cfg: Config, facts: dict[str, Any], exc: Exception, report: st
     return 1
 
 
-def _publish(cfg: Config, checks: list[Check], facts: list[dict[str, Any]], figures: dict[str, Any],
-             report: str | None) -> None:
+def _publish(
+    cfg: Config, checks: list[Check], facts: list[dict[str, Any]], figures: dict[str, Any], report: str | None
+) -> None:
     """The table on the terminal, the JSON report in the run directory (or ``report``)."""
     import click
 
     from .runs import RunDirError, write_json
 
     nodes = sorted({f["node"] for f in facts})
-    click.echo(format_table(checks, f"mnist-dist doctor: {len(facts)} process(es) on {len(nodes)} node(s) "
-                                    f"({', '.join(nodes)})"))
+    click.echo(
+        format_table(
+            checks, f"mnist-dist doctor: {len(facts)} process(es) on {len(nodes)} node(s) ({', '.join(nodes)})"
+        )
+    )
     path = Path(report) if report else Path(cfg.output_dir) / REPORT_FILE
     failed = [c.name for c in checks if c.status == FAIL]
-    body = {"ok": not failed, "failed": failed, "checks": [dataclasses.asdict(c) for c in checks],
-            "collectives": figures, "ranks": facts, "config": cfg.to_dict()}
+    body = {
+        "ok": not failed,
+        "failed": failed,
+        "checks": [dataclasses.asdict(c) for c in checks],
+        "collectives": figures,
+        "ranks": facts,
+        "config": cfg.to_dict(),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, body)
         where = f"report: {path}"
     except (OSError, RunDirError) as exc:
         where = f"report not written: {exc}"
-    verdict = (f"{len(failed)} check(s) failed ({', '.join(failed)}): training would fail or hang"
-               if failed else "all checks passed")
+    verdict = (
+        f"{len(failed)} check(s) failed ({', '.join(failed)}): training would fail or hang"
+        if failed
+        else "all checks passed"
+    )
     click.echo(f"{verdict}; {where}")
 
 

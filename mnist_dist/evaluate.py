@@ -105,8 +105,14 @@ def run_evaluation(cfg, weights: str, output: str | None = None) -> dict[str, An
     _, test_set = load_datasets(cfg, accelerator, splits=("test",))
     from .loaders import make_loader
 
-    loader = make_loader(test_set, cfg.eval_batch_size, num_replicas=accelerator.num_processes,
-                         rank=accelerator.process_index, shuffle=False, seed=cfg.seed)
+    loader = make_loader(
+        test_set,
+        cfg.eval_batch_size,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        shuffle=False,
+        seed=cfg.seed,
+    )
     model = accelerator.prepare_model(model, evaluation_mode=True)
     result = evaluate(model, loader, accelerator)
     metrics = {**result.metrics(detailed=True), "world_size": accelerator.num_processes, "weights": str(weights)}

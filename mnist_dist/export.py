@@ -70,8 +70,15 @@ def export_onnx(model: MLP, output: Path) -> None:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model.eval(), (_example(),), str(tmp), dynamo=True, external_data=False, verbose=False,
-                input_names=["images"], output_names=["logits"], dynamic_shapes=({0: batch},),
+                model.eval(),
+                (_example(),),
+                str(tmp),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
             )
         os.replace(tmp, output)
     except Exception as exc:

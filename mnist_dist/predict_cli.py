@@ -79,8 +79,12 @@ def report(results: list[FileResult], as_json: bool, top_k: int | None) -> int:
 
 
 @click.command("predict")
-@click.option("--weights", required=True, type=click.Path(),
-              help="model.safetensors of a run, or the run directory (checksum verified).")
+@click.option(
+    "--weights",
+    required=True,
+    type=click.Path(),
+    help="model.safetensors of a run, or the run directory (checksum verified).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
 @click.option("--top-k", type=click.IntRange(1, 10), default=None, help="Also show the K most probable digits.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
@@ -96,8 +100,12 @@ def predict_command(weights: str, as_json: bool, top_k: int | None, inputs: tupl
 
 
 @click.command("export")
-@click.option("--weights", required=True, type=click.Path(),
-              help="model.safetensors of a run, or the run directory (checksum verified).")
+@click.option(
+    "--weights",
+    required=True,
+    type=click.Path(),
+    help="model.safetensors of a run, or the run directory (checksum verified).",
+)
 @click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True, help="File format.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Where to write it [default: beside the weights].")
 def export_command(weights: str, fmt: str, output: str | None) -> None:
@@ -110,8 +118,10 @@ def export_command(weights: str, fmt: str, output: str | None) -> None:
         gap = verify_export(path, weights)
     except (ExportError, FileNotFoundError, ValueError, RunDirError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote {path} ({fmt}); input images (N, 28, 28) in [0, 1], output logits (N, 10); "
-               f"largest logit difference from PyTorch: {gap:.2g}")
+    click.echo(
+        f"wrote {path} ({fmt}); input images (N, 28, 28) in [0, 1], output logits (N, 10); "
+        f"largest logit difference from PyTorch: {gap:.2g}"
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,10 @@ def devices(cpu: bool) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "gpus": 0, "gpu_names": [], "bf16": None, "nccl": None,
+        "gpus": 0,
+        "gpu_names": [],
+        "bf16": None,
+        "nccl": None,
         "uses": "cpu" if cpu or not torch.cuda.is_available() else "cuda",
     }
     if torch.cuda.is_available():
@@ -70,22 +73,33 @@ def slurm(env: Any = os.environ) -> dict[str, Any] | None:
     """The SLURM allocation as this node sees it (None outside a job)."""
     if not env.get("SLURM_JOB_ID"):
         return None
-    keys = ("SLURM_JOB_ID", "SLURM_NNODES", "SLURM_NTASKS", "SLURM_NODEID", "SLURM_GPUS_ON_NODE",
-            "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT")
-    return {k[len("SLURM_"):].lower(): env.get(k) for k in keys}
+    keys = (
+        "SLURM_JOB_ID",
+        "SLURM_NNODES",
+        "SLURM_NTASKS",
+        "SLURM_NODEID",
+        "SLURM_GPUS_ON_NODE",
+        "SLURM_CPUS_PER_TASK",
+        "SLURM_CPUS_ON_NODE",
+        "SLURM_JOB_NODELIST",
+        "SLURM_RESTART_COUNT",
+    )
+    return {k[len("SLURM_") :].lower(): env.get(k) for k in keys}
 
 
 def slurm_settings(job_id: str) -> dict[str, Any]:
     """Requeue and time limit (``scontrol show job``), and a ``--signal`` in the batch script, if readable."""
     out: dict[str, Any] = {"requeue": None, "time_limit": None, "signal": None}
     try:
-        shown = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True,
-                               timeout=10).stdout
+        shown = subprocess.run(
+            ["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True, timeout=10
+        ).stdout
         fields = dict(kv.split("=", 1) for kv in shown.split() if "=" in kv)
         out["requeue"] = fields.get("Requeue") == "1"
         out["time_limit"] = fields.get("TimeLimit")
-        script = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"], capture_output=True, text=True,
-                                timeout=10).stdout
+        script = subprocess.run(
+            ["scontrol", "write", "batch_script", job_id, "-"], capture_output=True, text=True, timeout=10
+        ).stdout
         for line in script.splitlines():
             if line.startswith("#SBATCH") and "--signal" in line:
                 out["signal"] = line.split("--signal", 1)[1].lstrip("= ").split()[0]
@@ -154,8 +168,12 @@ def wandb_plan(cfg, run_dir: str) -> Check:
         why = "WANDB_MODE=offline" if mode else "no credentials: WANDB_API_KEY or ~/.netrc"
         return Check("wandb", OK, f"offline ({why}); {sync}")
     if not creds:
-        return Check("wandb", WARN, f"WANDB_MODE={mode} without credentials: wandb will fail to start and training "
-                                    "goes on with history.jsonl only; run wandb login, or set WANDB_MODE=offline")
+        return Check(
+            "wandb",
+            WARN,
+            f"WANDB_MODE={mode} without credentials: wandb will fail to start and training "
+            "goes on with history.jsonl only; run wandb login, or set WANDB_MODE=offline",
+        )
     return Check("wandb", OK, f"online as project {cfg.wandb_project} (credentials found; server not contacted)")
 
 
@@ -164,10 +182,13 @@ def local_facts(cfg) -> dict[str, Any]:
     env = os.environ
     local_rank = int(env.get("LOCAL_RANK", "0"))
     facts: dict[str, Any] = {
-        "rank": int(env.get("RANK", "0")), "local_rank": local_rank,
+        "rank": int(env.get("RANK", "0")),
+        "local_rank": local_rank,
         "node": env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0],
         "procs_per_node": int(env.get("PROCS_PER_NODE") or env.get("LOCAL_WORLD_SIZE") or 1),
-        "versions": versions(), "devices": devices(cfg.cpu), "slurm": slurm(env),
+        "versions": versions(),
+        "devices": devices(cfg.cpu),
+        "slurm": slurm(env),
         "run_dir": run_dir_status(cfg.output_dir),
         "data": data_status(cfg.data_dir, cfg.dataset) if local_rank == 0 else None,
     }

@@ -53,8 +53,12 @@ FULL_SCALES = (255.0, 4095.0, 65535.0)  # 8-, 12- and 16-bit data in integer and
 
 # EXIF orientation tag value -> the transposition that makes the image upright
 TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
 
@@ -100,7 +104,8 @@ def decode_image(source: str | os.PathLike | IO[bytes], name: str | os.PathLike 
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(
                     f"image is too large ({img.width}x{img.height} pixels, at most {MAX_PIXELS // 10**6} megapixels)",
-                    name)
+                    name,
+                )
             img.load()  # the first frame: Image.open starts there
             return upright(img)
     except FileNotFoundError:
@@ -178,16 +183,19 @@ def array_image(arr: np.ndarray) -> Image.Image:
     if kind in "ui":
         low, high = int(arr.min()), int(arr.max())
         if low < 0 or high > 255:
-            raise ImageError(f"integer array values must be 0-255, found {low}..{high} "
-                             "(scale 16-bit data to 0-255, or pass floats in [0, 1])")
+            raise ImageError(
+                f"integer array values must be 0-255, found {low}..{high} "
+                "(scale 16-bit data to 0-255, or pass floats in [0, 1])"
+            )
         return Image.fromarray(arr.astype(np.uint8))
     if kind == "f":
         if not np.isfinite(arr).all():
             raise ImageError("array holds NaN or infinite values")
         low, high = float(arr.min()), float(arr.max())
         if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
-            raise ImageError(f"float array values must be in [0, 1], found {low:g}..{high:g} "
-                             "(divide 0-255 data by 255)")
+            raise ImageError(
+                f"float array values must be in [0, 1], found {low:g}..{high:g} (divide 0-255 data by 255)"
+            )
         return Image.fromarray((np.clip(arr.astype(np.float64), 0, 1) * 255).round().astype(np.uint8))
     raise ImageError(f"array of dtype {arr.dtype} is not an image (pass integers 0-255, or floats in [0, 1])")
 
@@ -214,8 +222,10 @@ def _gray_and_alpha_images(img: Image.Image) -> tuple[Image.Image, Image.Image |
         img = img.convert("LA")
     if img.mode == "LA":
         return img.getchannel("L"), img.getchannel("A")
-    has_alpha = img.mode in MODES_WITH_ALPHA or (img.mode == "P" and img.has_transparency_data) or (
-        img.mode in ("L", "RGB") and "transparency" in img.info
+    has_alpha = (
+        img.mode in MODES_WITH_ALPHA
+        or (img.mode == "P" and img.has_transparency_data)
+        or (img.mode in ("L", "RGB") and "transparency" in img.info)
     )
     if has_alpha:
         rgba = img.convert("RGBA")

@@ -28,8 +28,9 @@ def is_terminal(stream: TextIO) -> bool:
 class ProgressDisplay:
     """Steps, loss and samples/s of the current epoch; silent when ``enabled`` is false."""
 
-    def __init__(self, enabled: bool, samples_per_step: int, stream: TextIO | None = None,
-                 interactive: bool | None = None) -> None:
+    def __init__(
+        self, enabled: bool, samples_per_step: int, stream: TextIO | None = None, interactive: bool | None = None
+    ) -> None:
         self.enabled, self.samples_per_step = enabled, samples_per_step
         self.stream = stream or sys.stderr
         self.interactive = is_terminal(self.stream) if interactive is None else interactive
@@ -46,8 +47,14 @@ class ProgressDisplay:
         if self.enabled and self.interactive:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, desc=f"epoch {epoch}/{epochs}", unit="step",
-                             file=self.stream, leave=False, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_steps,
+                desc=f"epoch {epoch}/{epochs}",
+                unit="step",
+                file=self.stream,
+                leave=False,
+                dynamic_ncols=True,
+            )
 
     def advance(self) -> None:
         """One optimizer step done (cheap: tqdm redraws a few times a second at most)."""
@@ -67,8 +74,16 @@ class ProgressDisplay:
         elif self._done >= self._next_line and self._done < self._total:
             while self._next_line <= self._done:
                 self._next_line += self._total / LINES_PER_EPOCH
-            log.info("epoch %d/%d: step %d/%d (%d%%), loss %.4f, %.0f samples/s", self._epoch, self._epochs,
-                     self._done, self._total, 100 * self._done // max(self._total, 1), loss, rate)
+            log.info(
+                "epoch %d/%d: step %d/%d (%d%%), loss %.4f, %.0f samples/s",
+                self._epoch,
+                self._epochs,
+                self._done,
+                self._total,
+                100 * self._done // max(self._total, 1),
+                loss,
+                rate,
+            )
         return rate
 
     def end_epoch(self) -> None:

@@ -43,8 +43,9 @@ def fold_standardisation(state_dict: dict[str, torch.Tensor], mean: float, std: 
 class Recipe:
     """What the training loop does beyond forward, backward and optimizer step."""
 
-    def __init__(self, cfg, optimizer: torch.optim.Optimizer, train_set: TensorImages, total_steps: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg, optimizer: torch.optim.Optimizer, train_set: TensorImages, total_steps: int, device: torch.device
+    ) -> None:
         self.device = device
         self.scheduler = None
         if cfg.lr_schedule != "constant" or cfg.warmup_fraction > 0:
@@ -88,8 +89,7 @@ class Recipe:
         return folded.eval()
 
 
-def hold_out(train_set: TensorImages, test_set: TensorImages,
-             val_size: int) -> tuple[TensorImages, TensorImages, str]:
+def hold_out(train_set: TensorImages, test_set: TensorImages, val_size: int) -> tuple[TensorImages, TensorImages, str]:
     """``(train, evaluation set, its name)``: the test set, or with ``val_size`` the last
     ``val_size`` training images ("val"), kept out of training for choosing hyper-parameters."""
     if not val_size:
@@ -97,5 +97,8 @@ def hold_out(train_set: TensorImages, test_set: TensorImages,
     n = len(train_set)
     if val_size >= n:
         raise ConfigError(f"config key 'val_size' ({val_size}) must be smaller than the training set ({n} images)")
-    return (TensorImages(train_set.images[:-val_size], train_set.labels[:-val_size]),
-            TensorImages(train_set.images[-val_size:], train_set.labels[-val_size:]), "val")
+    return (
+        TensorImages(train_set.images[:-val_size], train_set.labels[:-val_size]),
+        TensorImages(train_set.images[-val_size:], train_set.labels[-val_size:]),
+        "val",
+    )

@@ -80,8 +80,7 @@ class Recognizer:
             probs = torch.softmax(self.model(images.float()), dim=1)
         confidence, digits = probs.max(dim=1)
         return [
-            Prediction(int(d), float(c), tuple(float(p) for p in row))
-            for d, c, row in zip(digits, confidence, probs)
+            Prediction(int(d), float(c), tuple(float(p) for p in row)) for d, c, row in zip(digits, confidence, probs)
         ]
 
     def predict(self, image: Any) -> Prediction:

@@ -81,8 +81,12 @@ def peers_from_env(env: Any = os.environ) -> Peers | None:
         )
     attempt = f"{env.get('TORCHELASTIC_RUN_ID', 'none')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     return Peers(
-        rank=int(env["RANK"]), world_size=world_size, addr=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]),
-        node=node_name(env), agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+        rank=int(env["RANK"]),
+        world_size=world_size,
+        addr=env["MASTER_ADDR"],
+        port=int(env["MASTER_PORT"]),
+        node=node_name(env),
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         scope=f"mnist_dist/{attempt}",
     )
 
@@ -122,8 +126,9 @@ def wait_for_nodes(nodes: int, node_rank: int, addr: str, port: int, timeout: fl
     if nodes <= 1:
         return 0.0
     start = time.monotonic()
-    peers = Peers(rank=node_rank, world_size=nodes, addr=addr, port=port, node=node_name(),
-                  scope="mnist_dist/nodes", unit="node")
+    peers = Peers(
+        rank=node_rank, world_size=nodes, addr=addr, port=port, node=node_name(), scope="mnist_dist/nodes", unit="node"
+    )
     with stop_on_signals():
         join(peers, timeout)
     return time.monotonic() - start
@@ -142,8 +147,13 @@ def init_process_group(backend: str, timeout: float, collective_timeout: float) 
         return False
     store = join(peers, timeout)
     store.set_timeout(timedelta(seconds=collective_timeout))  # from now on a wait is a collective's
-    dist.init_process_group(backend, store=store, rank=peers.rank, world_size=peers.world_size,
-                            timeout=timedelta(seconds=collective_timeout))
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=peers.rank,
+        world_size=peers.world_size,
+        timeout=timedelta(seconds=collective_timeout),
+    )
     return True
 
 
@@ -156,8 +166,15 @@ def _host(peers: Peers, deadline: float):
 
     try:
         # The server listens on every interface; its own client goes through loopback.
-        store = TCPStore("127.0.0.1", peers.port, None, True, timedelta(seconds=_left(deadline, 1)),
-                         wait_for_workers=False, multi_tenant=True)
+        store = TCPStore(
+            "127.0.0.1",
+            peers.port,
+            None,
+            True,
+            timedelta(seconds=_left(deadline, 1)),
+            wait_for_workers=False,
+            multi_tenant=True,
+        )
     except Exception as exc:  # DistNetworkError: the port is taken
         raise RendezvousError(
             f"{peers.who} cannot listen on port {peers.port} ({_first_line(exc)}); choose a free port "
@@ -179,8 +196,12 @@ def _connect(peers: Peers, deadline: float, timeout: float):
     # timeout (about 1.5-3 times it), so it gets a third of the time left: it gives up (and
     # stops writing retries) before the deadline; ``_before`` bounds it in any case.
     try:
-        return _before(deadline, lambda: TCPStore(peers.addr, peers.port, None, False,
-                                                  timedelta(seconds=_left(deadline, 3) / 3), wait_for_workers=False))
+        return _before(
+            deadline,
+            lambda: TCPStore(
+                peers.addr, peers.port, None, False, timedelta(seconds=_left(deadline, 3) / 3), wait_for_workers=False
+            ),
+        )
     except (TimeoutError, RuntimeError) as exc:
         raise RendezvousError(
             f"{peers.who} reached {peers.addr}:{peers.port}, but no main process of this run answered there "

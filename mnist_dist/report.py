@@ -52,8 +52,9 @@ def load_history(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def misclassified_grid(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor,
-                       columns: int = 8, scale: int = 3):
+def misclassified_grid(
+    images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, columns: int = 8, scale: int = 3
+):
     """A PIL image: each digit (dark on white, enlarged ``scale`` x) above "predicted / true"."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -118,11 +119,20 @@ def plot_curves(history: dict[str, Any], path: Path, title: str) -> None:
     split = "val" if epochs and "val/loss" in epochs[0] else "test"
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     if steps:
-        ax_loss.plot([r["step"] for r in steps], [r["train/loss"] for r in steps], lw=1.2,
-                     label="train loss (mean of each log interval)")
+        ax_loss.plot(
+            [r["step"] for r in steps],
+            [r["train/loss"] for r in steps],
+            lw=1.2,
+            label="train loss (mean of each log interval)",
+        )
     if epochs:
-        ax_loss.plot([r["step"] for r in epochs], [r[f"{split}/loss"] for r in epochs], "o-", lw=1.5,
-                     label=f"{split} loss (end of epoch)")
+        ax_loss.plot(
+            [r["step"] for r in epochs],
+            [r[f"{split}/loss"] for r in epochs],
+            "o-",
+            lw=1.5,
+            label=f"{split} loss (end of epoch)",
+        )
     ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy loss (log scale)", yscale="log", title="Loss")
     # Plain numbers (0.2, not 2x10^-1); between powers of ten only 2 and 5 are labelled, so labels never crowd.
     ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -161,12 +171,22 @@ def plot_confusion(confusion: list[list[int]], path: Path, title: str) -> None:
         for p in range(n):
             count = int(matrix[t, p])
             dark = count > matrix.max().item() ** 0.75
-            ax.text(p, t, str(count), ha="center", va="center", fontsize=8,
-                    color="white" if dark else ("black" if count else "0.7"))
+            ax.text(
+                p,
+                t,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if dark else ("black" if count else "0.7"),
+            )
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
-    ax.set(xlabel="predicted digit", ylabel="true digit",
-           title=f"Confusion matrix, test set: {accuracy:.2f}% correct\n{title}")
+    ax.set(
+        xlabel="predicted digit",
+        ylabel="true digit",
+        title=f"Confusion matrix, test set: {accuracy:.2f}% correct\n{title}",
+    )
     fig.colorbar(image, ax=ax, label="images (log scale)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -119,8 +119,10 @@ def weights_problem(weights: Path, data: bytes | None = None) -> tuple[str | Non
     actual = hashlib.sha256(weights.read_bytes() if data is None else data).hexdigest()
     if actual == expected:
         return None, True
-    return (f"{weights} does not match the SHA-256 its run recorded in {weights.parent / METRICS_FILE} "
-            f"({actual[:12]}..., {expected[:12]}... was written): the file changed after training"), True
+    return (
+        f"{weights} does not match the SHA-256 its run recorded in {weights.parent / METRICS_FILE} "
+        f"({actual[:12]}..., {expected[:12]}... was written): the file changed after training"
+    ), True
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

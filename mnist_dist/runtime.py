@@ -20,8 +20,12 @@ def world_size_from_env() -> int:
 
 def setup_logging(is_main: bool) -> None:
     """Log INFO on the main process only, so N processes print one log."""
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
-                        level=logging.INFO if is_main else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+        level=logging.INFO if is_main else logging.WARNING,
+    )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load messages
 
 
@@ -55,8 +59,10 @@ def build_accelerator(cfg: Config, log_with: str | None = None):
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
     # torch.compile through Accelerate's plugin; "reduce-overhead" also captures CUDA graphs,
     # which is what this launch-bound model needs on a GPU (it has no effect on CPU).
-    dynamo = None if cfg.compile == "none" else TorchDynamoPlugin(
-        backend="inductor", mode=None if cfg.compile == "default" else cfg.compile
+    dynamo = (
+        None
+        if cfg.compile == "none"
+        else TorchDynamoPlugin(backend="inductor", mode=None if cfg.compile == "default" else cfg.compile)
     )
     return Accelerator(
         cpu=cfg.cpu or not torch.cuda.is_available(),

@@ -42,8 +42,9 @@ def total_steps(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int
     return steps if max_steps is None else min(steps, max_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total: int,
-                    warmup_fraction: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total: int, warmup_fraction: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` following ``lr_factor``; warm-up over ``warmup_fraction`` of ``total`` steps."""
     warmup = round(warmup_fraction * total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, schedule, warmup))

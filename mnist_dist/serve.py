@@ -185,8 +185,11 @@ def content_kind(request: Request) -> str:
         return "multipart"
     if ctype == "application/json" or ctype.endswith("+json"):
         return "json"
-    raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}: send image files as multipart/form-data "
-                        "(curl -F file=@digit.png URL/predict) or pixel values as application/json")
+    raise ApiError(
+        415,
+        f"unsupported content type {ctype or '(none)'!r}: send image files as multipart/form-data "
+        "(curl -F file=@digit.png URL/predict) or pixel values as application/json",
+    )
 
 
 def _too_large(limit: int) -> ApiError:
@@ -243,14 +246,20 @@ async def read_uploads(request: Request, limits: Limits) -> list[tuple[str, byte
     try:
         uploads = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
         if not uploads:
-            raise ApiError(422, "no files in the request: send images as multipart/form-data file fields "
-                                "(curl -F file=@digit.png URL/predict)")
+            raise ApiError(
+                422,
+                "no files in the request: send images as multipart/form-data file fields "
+                "(curl -F file=@digit.png URL/predict)",
+            )
         inputs = []
         for n, (key, upload) in enumerate(uploads):
             name = upload.filename or f"{key}[{n}]"
             if (upload.size or 0) > limits.max_file_bytes:
-                raise ApiError(413, f"{name}: file has {upload.size:,} bytes, more than the {limits.max_file_bytes:,} "
-                                    f"allowed per file ({limits.max_file_bytes / MB:g} MB; serve --max-file-mb)")
+                raise ApiError(
+                    413,
+                    f"{name}: file has {upload.size:,} bytes, more than the {limits.max_file_bytes:,} "
+                    f"allowed per file ({limits.max_file_bytes / MB:g} MB; serve --max-file-mb)",
+                )
             inputs.append((name, await upload.read()))
         return inputs
     finally:
@@ -265,13 +274,15 @@ def json_inputs(body: bytes, max_batch: int) -> list[tuple[str, np.ndarray]]:
         raise ApiError(400, f"request body is not valid JSON ({exc})") from None
     if not isinstance(data, list):
         kind = {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
-        raise ApiError(422, f"expected a JSON array of {SIDE * SIDE} pixel values (or a list of such arrays), "
-                            f"got a JSON {kind}")
+        raise ApiError(
+            422, f"expected a JSON array of {SIDE * SIDE} pixel values (or a list of such arrays), got a JSON {kind}"
+        )
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError):
-        raise ApiError(422, f"JSON arrays of different lengths: each image must be {SIDE * SIDE} values, "
-                            f"or {SIDE} rows of {SIDE}") from None
+        raise ApiError(
+            422, f"JSON arrays of different lengths: each image must be {SIDE * SIDE} values, or {SIDE} rows of {SIDE}"
+        ) from None
     shape = arr.shape
     if shape in ((SIDE * SIDE,), (SIDE, SIDE)):
         arr = arr.reshape(1, SIDE, SIDE)
@@ -280,8 +291,11 @@ def json_inputs(body: bytes, max_batch: int) -> list[tuple[str, np.ndarray]]:
     elif arr.ndim == 1:
         raise ApiError(422, f"JSON array has {shape[0]} values, expected {SIDE * SIDE} (one {SIDE}x{SIDE} image)")
     else:
-        raise ApiError(422, f"JSON array of shape {list(shape)} is not one or more {SIDE}x{SIDE} images: send "
-                            f"{SIDE * SIDE} values (or {SIDE} rows of {SIDE}) per image")
+        raise ApiError(
+            422,
+            f"JSON array of shape {list(shape)} is not one or more {SIDE}x{SIDE} images: send "
+            f"{SIDE * SIDE} values (or {SIDE} rows of {SIDE}) per image",
+        )
     if len(arr) > max_batch:
         raise ApiError(413, f"too many images: {len(arr)}, at most {max_batch} per request (serve --max-batch)")
     return [(f"array[{i}]", image) for i, image in enumerate(arr)]
@@ -299,8 +313,11 @@ def answer(results: list[FileResult], top_k: int | None, seen: bool) -> JSONResp
     if not failed:
         return JSONResponse({"results": answers})
     first = failed[0].error
-    error = str(first) if len(results) == 1 else (
-        f"{len(failed)} of {len(results)} inputs could not be recognised; first: {first}")
+    error = (
+        str(first)
+        if len(results) == 1
+        else (f"{len(failed)} of {len(results)} inputs could not be recognised; first: {first}")
+    )
     return JSONResponse({"error": error, "results": answers}, status_code=422)
 
 
@@ -317,13 +334,16 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
-                         "choose another --port (0: any free port), or stop what uses it") from None
+        raise ServeError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+            "choose another --port (0: any free port), or stop what uses it"
+        ) from None
     return sock
 
 
-def run_server(weights: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-               limits: Limits = Limits()) -> None:
+def run_server(
+    weights: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()
+) -> None:
     """Load the weights (a file or a run directory), listen, and serve until SIGINT/SIGTERM."""
     recognizer = Recognizer.load(weights)
     app = create_app(recognizer, weights, limits)
@@ -332,8 +352,14 @@ def run_server(weights: str | os.PathLike, host: str = "127.0.0.1", port: int = 
     accuracy = health(recognizer, weights, limits)["test_accuracy"]
     known = f" (test accuracy {100 * accuracy:.2f}%)" if isinstance(accuracy, (int, float)) else ""
     log.info("serving %s%s on http://%s:%d/ (Ctrl-C to stop)", weights, known, host, bound)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=5, limit_concurrency=MAX_CONNECTIONS)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+        limit_concurrency=MAX_CONNECTIONS,
+    )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the
     # handlers it found: these let the command end normally (exit status 0) after that.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

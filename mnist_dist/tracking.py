@@ -82,8 +82,12 @@ def run_config(cfg, accelerator) -> dict[str, Any]:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return {**cfg.to_dict(), "world_size": accelerator.num_processes,
-            "device": accelerator.device.type, "versions": versions}
+    return {
+        **cfg.to_dict(),
+        "world_size": accelerator.num_processes,
+        "device": accelerator.device.type,
+        "versions": versions,
+    }
 
 
 def new_run_id() -> str:
@@ -131,12 +135,17 @@ def last_logged_step(records: list[dict[str, Any]]) -> int:
     return max((r["step"] for r in one_timeline(records) if r.get("kind") in ("step", "epoch")), default=0)
 
 
-def misclassified_examples(predictions: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                           limit: int = MAX_MISCLASSIFIED) -> dict[str, torch.Tensor]:
+def misclassified_examples(
+    predictions: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, limit: int = MAX_MISCLASSIFIED
+) -> dict[str, torch.Tensor]:
     """The first ``limit`` wrongly predicted images (dataset order), on the CPU."""
     index = (predictions != labels).nonzero().flatten()[:limit]
-    return {"images": images[index].cpu(), "predicted": predictions[index].cpu(),
-            "label": labels[index].cpu(), "index": index.cpu()}
+    return {
+        "images": images[index].cpu(),
+        "predicted": predictions[index].cpu(),
+        "label": labels[index].cpu(),
+        "index": index.cpu(),
+    }
 
 
 class Tracker:
@@ -156,8 +165,9 @@ class Tracker:
         self._last_step = 0
         self._start = time.time()
 
-    def start(self, config: dict[str, Any], resumed: dict[str, Any] | None = None,
-              checkpoint: Path | None = None) -> None:
+    def start(
+        self, config: dict[str, Any], resumed: dict[str, Any] | None = None, checkpoint: Path | None = None
+    ) -> None:
         """Open the history file and start wandb if asked for.
 
         A fresh run starts the history afresh. A run resumed from ``checkpoint`` (``resumed``:
@@ -186,8 +196,9 @@ class Tracker:
         self._starting = threading.Thread(target=self._start_wandb, args=(config,), name="wandb-start", daemon=True)
         self._starting.start()
 
-    def _wandb_run(self, resumed: dict[str, Any] | None, previous: list[dict[str, Any]],
-                   checkpoint: Path | None) -> tuple[str | None, str]:
+    def _wandb_run(
+        self, resumed: dict[str, Any] | None, previous: list[dict[str, Any]], checkpoint: Path | None
+    ) -> tuple[str | None, str]:
         """``(wandb run id, how to start it)``: the checkpoint's run, the run of an attempt that
         died before its first checkpoint (same command again), or a new one."""
         if self.cfg.tracker != "wandb":
@@ -209,18 +220,26 @@ class Tracker:
         try:
             init_kwargs = self._init_kwargs()
             try:
-                self.accelerator.init_trackers(self.cfg.wandb_project, config=config,
-                                               init_kwargs={"wandb": init_kwargs})
+                self.accelerator.init_trackers(
+                    self.cfg.wandb_project, config=config, init_kwargs={"wandb": init_kwargs}
+                )
             except Exception as exc:
                 if "resume_from" not in init_kwargs:
                     raise
                 # Rewinding is a newer wandb feature, not on every server or account: continue the run instead.
-                log.warning("wandb could not rewind run %s to step %d (%s); continuing it instead: wandb keeps "
-                            "what it got past that step and ignores the repeated steps until they pass it",
-                            self.wandb_id, self._last_step, str(exc).strip().splitlines()[0] if str(exc) else exc)
+                log.warning(
+                    "wandb could not rewind run %s to step %d (%s); continuing it instead: wandb keeps "
+                    "what it got past that step and ignores the repeated steps until they pass it",
+                    self.wandb_id,
+                    self._last_step,
+                    str(exc).strip().splitlines()[0] if str(exc) else exc,
+                )
                 init_kwargs = {k: v for k, v in init_kwargs.items() if k != "resume_from"}
-                self.accelerator.init_trackers(self.cfg.wandb_project, config=config, init_kwargs={
-                    "wandb": {**init_kwargs, "id": self.wandb_id, "resume": "allow"}})
+                self.accelerator.init_trackers(
+                    self.cfg.wandb_project,
+                    config=config,
+                    init_kwargs={"wandb": {**init_kwargs, "id": self.wandb_id, "resume": "allow"}},
+                )
         except Exception as exc:  # wandb must never stop training
             self._start_error = exc
         with self._start_lock:
@@ -238,8 +257,11 @@ class Tracker:
             self._abandoned = self._starting.is_alive()
         self._starting = None
         if self._abandoned:
-            log.warning("wandb did not start within %.0f s; training goes on without it, the history is in %s",
-                        wait, self.run_dir / HISTORY_FILE)
+            log.warning(
+                "wandb did not start within %.0f s; training goes on without it, the history is in %s",
+                wait,
+                self.run_dir / HISTORY_FILE,
+            )
             return
         if self._start_error is not None:
             self._fail("start", self._start_error)
@@ -254,13 +276,19 @@ class Tracker:
         wandb_dir.mkdir(parents=True, exist_ok=True)
         settings: dict[str, Any] = {}
         # login_timeout bounds the API key prompt wandb shows on a terminal when online is forced without one.
-        for key, seconds in (("init_timeout", INIT_TIMEOUT), ("login_timeout", INIT_TIMEOUT),
-                             ("finish_timeout", FINISH_TIMEOUT)):
+        for key, seconds in (
+            ("init_timeout", INIT_TIMEOUT),
+            ("login_timeout", INIT_TIMEOUT),
+            ("finish_timeout", FINISH_TIMEOUT),
+        ):
             if f"WANDB_{key.upper()}" not in os.environ:
                 settings[key] = seconds
         kwargs: dict[str, Any] = {
-            "dir": str(wandb_dir), "entity": self.cfg.wandb_entity, "name": self.cfg.wandb_run_name,
-            "group": self.cfg.wandb_group or default_group(self.run_dir), "tags": list(self.cfg.wandb_tags),
+            "dir": str(wandb_dir),
+            "entity": self.cfg.wandb_entity,
+            "name": self.cfg.wandb_run_name,
+            "group": self.cfg.wandb_group or default_group(self.run_dir),
+            "tags": list(self.cfg.wandb_tags),
         }
         if self._wandb_how == "rewind":  # the run had gone past this step: cut it back, then go on
             kwargs["resume_from"] = f"{self.wandb_id}?_step={self._last_step}"
@@ -271,8 +299,10 @@ class Tracker:
         if not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_DISABLED")) and not has_wandb_credentials():
             kwargs["mode"] = "offline"
             settings["silent"] = True  # the line below says it all, once
-            log.info("wandb: no credentials (WANDB_API_KEY or ~/.netrc), logging offline; upload later with: "
-                     "wandb sync %s", wandb_dir / "wandb" / "offline-run-*")
+            log.info(
+                "wandb: no credentials (WANDB_API_KEY or ~/.netrc), logging offline; upload later with: wandb sync %s",
+                wandb_dir / "wandb" / "offline-run-*",
+            )
         kwargs["settings"] = wandb.Settings(**settings)
         return kwargs
 
@@ -312,11 +342,15 @@ class Tracker:
             n = len(confusion)  # wandb's chart wants one (true, predicted) pair per image
             cells = torch.arange(n * n).repeat_interleave(confusion.flatten())
             grid = misclassified_grid(examples["images"], examples["predicted"], examples["label"])
-            self.accelerator.log({
-                "test/confusion_matrix": wandb.plot.confusion_matrix(
-                    y_true=(cells // n).tolist(), preds=(cells % n).tolist(), class_names=[str(c) for c in range(n)]),
-                "test/misclassified": wandb.Image(grid, caption="predicted / true label"),
-            }, step=self._last_step)
+            self.accelerator.log(
+                {
+                    "test/confusion_matrix": wandb.plot.confusion_matrix(
+                        y_true=(cells // n).tolist(), preds=(cells % n).tolist(), class_names=[str(c) for c in range(n)]
+                    ),
+                    "test/misclassified": wandb.Image(grid, caption="predicted / true label"),
+                },
+                step=self._last_step,
+            )
         except Exception as exc:
             self._fail("log the final results", exc)
 
@@ -351,8 +385,13 @@ class Tracker:
 
     def _fail(self, what: str, exc: Exception) -> None:
         first_line = (str(exc).strip().splitlines() or [""])[0]
-        log.warning("wandb failed to %s (%s: %s); training goes on, the history is in %s",
-                    what, type(exc).__name__, first_line, self.run_dir / HISTORY_FILE)
+        log.warning(
+            "wandb failed to %s (%s: %s); training goes on, the history is in %s",
+            what,
+            type(exc).__name__,
+            first_line,
+            self.run_dir / HISTORY_FILE,
+        )
         self.wandb_on = False
         self._drop_wandb()
 

@@ -71,8 +71,7 @@ def step_calls(optimizer, accelerator):
         inner is None
         or getattr(optimizer, "scaler", None) is not None
         or accelerator.scaler is not None
-        or accelerator.distributed_type in (DistributedType.XLA, DistributedType.DEEPSPEED,
-                                            DistributedType.MEGATRON_LM)
+        or accelerator.distributed_type in (DistributedType.XLA, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
         or accelerator.gradient_accumulation_steps != 1
     ):
         return (lambda: optimizer.zero_grad(set_to_none=True)), accelerator.backward, optimizer.step
@@ -96,6 +95,7 @@ def check_gradients(params: list[torch.nn.Parameter], cfg: Config, progress: Pro
     """
     if not (cfg.check_finite or cfg.grad_clip):
         return
+
     def grad_norm() -> torch.Tensor:
         return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
@@ -171,8 +171,12 @@ class Trainer:
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "wandb_run_id": self.tracker.run_id,
         }
-        mine = {"interval_loss": self.interval_loss.item(), "interval_steps": self.interval_steps,
-                "epoch_loss": self.epoch_loss.item(), "epoch_steps": self.epoch_steps}
+        mine = {
+            "interval_loss": self.interval_loss.item(),
+            "interval_steps": self.interval_steps,
+            "epoch_loss": self.epoch_loss.item(),
+            "epoch_steps": self.epoch_steps,
+        }
         path = checkpoint.save(self.accelerator, self.run_dir, state, mine, self.cfg.keep_checkpoints)
         log.debug("checkpoint %s saved (epoch %d, step %d)", path, self.progress.epoch, self.progress.step)
         return path
@@ -219,8 +223,9 @@ class Trainer:
         self.recipe.start_epoch(p.epoch)
         clock = time.perf_counter()
         for images, labels, indices in self.train_loader:
-            loss = F.cross_entropy(self.model(self.recipe.inputs(images, indices)), labels,
-                                   label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(
+                self.model(self.recipe.inputs(images, indices)), labels, label_smoothing=cfg.label_smoothing
+            )
             zero_grad()
             backward(loss)
             check_gradients(params, cfg, p)
@@ -234,8 +239,10 @@ class Trainer:
             if p.step % cfg.log_every == 0:
                 mean, signum = self._share(self.interval_loss / self.interval_steps)
                 rate = self.display.interval(p.step, mean, self.interval_steps)
-                self.tracker.log_step(p.step, {"train/loss": mean, "lr": self.optimizer.param_groups[0]["lr"],
-                                               "train/samples_per_second": rate})
+                self.tracker.log_step(
+                    p.step,
+                    {"train/loss": mean, "lr": self.optimizer.param_groups[0]["lr"], "train/samples_per_second": rate},
+                )
                 self.epoch_loss += self.interval_loss
                 self.epoch_steps += self.interval_steps
                 self.interval_loss.zero_()
@@ -262,8 +269,7 @@ class Trainer:
 
     def _evaluate(self) -> EvalResult:
         start = time.perf_counter()
-        result = evaluate(self.recipe.inference_model(self.model, self.accelerator), self.test_loader,
-                          self.accelerator)
+        result = evaluate(self.recipe.inference_model(self.model, self.accelerator), self.test_loader, self.accelerator)
         self.eval_seconds = time.perf_counter() - start
         return result
 
@@ -275,7 +281,12 @@ class Trainer:
         else:
             log.info(
                 "training %s on %d process(es) (%s): global batch %d (%d per process), lr %g, %s",
-                cfg.dataset, self.world, self.accelerator.device.type, self.global_batch, self.per_process, self.lr,
+                cfg.dataset,
+                self.world,
+                self.accelerator.device.type,
+                self.global_batch,
+                self.per_process,
+                self.lr,
                 f"{cfg.epochs} epochs" if cfg.max_steps is None else f"{cfg.epochs} epochs or {cfg.max_steps} steps",
             )
         self.tracker.started()  # not during the training steps: wandb's start would compete for the CPU
@@ -286,20 +297,38 @@ class Trainer:
             p.epoch += 1
             p.batch = 0
             result = self._evaluate()
-            log.info("epoch %d/%d: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
-                     p.epoch, cfg.epochs, train_loss, split, 100 * result.accuracy, split, result.loss,
-                     p.step, p.train_seconds)
-            self.tracker.log_epoch(p.step, {
-                "epoch": p.epoch, "train/epoch_loss": train_loss, f"{split}/accuracy": result.accuracy,
-                f"{split}/loss": result.loss, "epoch_seconds": time.perf_counter() - epoch_start,
-            })
+            log.info(
+                "epoch %d/%d: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
+                p.epoch,
+                cfg.epochs,
+                train_loss,
+                split,
+                100 * result.accuracy,
+                split,
+                result.loss,
+                p.step,
+                p.train_seconds,
+            )
+            self.tracker.log_epoch(
+                p.step,
+                {
+                    "epoch": p.epoch,
+                    "train/epoch_loss": train_loss,
+                    f"{split}/accuracy": result.accuracy,
+                    f"{split}/loss": result.loss,
+                    "epoch_seconds": time.perf_counter() - epoch_start,
+                },
+            )
             last = self._finished()
             if signum is not None and not last:
                 raise self._stopped(signum)
             if signum is not None:
                 log.info("%s at the last step: finishing the run normally", signal.Signals(signum).name)
-            if last or self._checkpoint_due() or (
-                    cfg.checkpoint_every_epochs and p.epoch % cfg.checkpoint_every_epochs == 0):
+            if (
+                last
+                or self._checkpoint_due()
+                or (cfg.checkpoint_every_epochs and p.epoch % cfg.checkpoint_every_epochs == 0)
+            ):
                 self.save_checkpoint()
         if result is None:  # resumed from the checkpoint at the end of training
             result = self._evaluate()

@@ -29,12 +29,33 @@ ROWS = (("reference", 1), ("best", 1), ("best", 2))
 
 
 def command(config: str, seed: int, out: Path, processes: int, data_dir: str) -> list[str]:
-    train = ["-m", "mnist_dist.train", "--config", config, "--seed", str(seed), "--output-dir", str(out),
-             "--data-dir", data_dir]
+    train = [
+        "-m",
+        "mnist_dist.train",
+        "--config",
+        config,
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(out),
+        "--data-dir",
+        data_dir,
+    ]
     if processes == 1:
         return [sys.executable, *train]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml",
-            "--num_processes", str(processes), "--num_cpu_threads_per_process", "1", *train, "--cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/cpu.yaml",
+        "--num_processes",
+        str(processes),
+        "--num_cpu_threads_per_process",
+        "1",
+        *train,
+        "--cpu",
+    ]
 
 
 def run(recipe: str, processes: int, seed: int, args) -> dict:
@@ -51,14 +72,18 @@ def run(recipe: str, processes: int, seed: int, args) -> dict:
     if proc.returncode != 0:
         sys.exit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     metrics = json.loads(metrics_file.read_text())
-    print(f"  test accuracy {100 * metrics['test_accuracy']:.2f}%, train_seconds {metrics['train_seconds']:.1f}",
-          file=sys.stderr, flush=True)
+    print(
+        f"  test accuracy {100 * metrics['test_accuracy']:.2f}%, train_seconds {metrics['train_seconds']:.1f}",
+        file=sys.stderr,
+        flush=True,
+    )
     return metrics
 
 
 def table(results: dict[tuple[str, int], list[dict]], seeds: list[int]) -> str:
     lines = [
-        "| recipe | processes | " + " | ".join(f"seed {s}" for s in seeds)
+        "| recipe | processes | "
+        + " | ".join(f"seed {s}" for s in seeds)
         + " | mean | spread (min-max, std) | train_seconds per seed | mean train_seconds |",
         "|---|---|" + "---|" * len(seeds) + "---|---|---|---|",
     ]
@@ -67,9 +92,11 @@ def table(results: dict[tuple[str, int], list[dict]], seeds: list[int]) -> str:
         secs = [m["train_seconds"] for m in runs]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
         lines.append(
-            f"| {recipe} | {processes} | " + " | ".join(f"{a:.2f}%" for a in acc)
+            f"| {recipe} | {processes} | "
+            + " | ".join(f"{a:.2f}%" for a in acc)
             + f" | **{statistics.mean(acc):.2f}%** | {max(acc) - min(acc):.2f} ({std:.2f}) | "
-            + " / ".join(f"{s:.1f}" for s in secs) + f" | {statistics.mean(secs):.1f} |"
+            + " / ".join(f"{s:.1f}" for s in secs)
+            + f" | {statistics.mean(secs):.1f} |"
         )
     return "\n".join(lines)
 
@@ -86,9 +113,11 @@ def main() -> None:
     load_before, start = os.getloadavg()[0], time.time()
     results = {row: [run(*row, seed, args) for seed in args.seeds] for row in ROWS}
     load_after = os.getloadavg()[0]
-    note = (f"{os.cpu_count()} CPU cores; load average {load_before:.1f} before and {load_after:.1f} after "
-            f"the runs ({(time.time() - start) / 60:.0f} min in all). train_seconds counts training steps only "
-            "(not start-up or evaluation).")
+    note = (
+        f"{os.cpu_count()} CPU cores; load average {load_before:.1f} before and {load_after:.1f} after "
+        f"the runs ({(time.time() - start) / 60:.0f} min in all). train_seconds counts training steps only "
+        "(not start-up or evaluation)."
+    )
     text = table(results, args.seeds) + "\n\n" + note + "\n"
     print(text)
     if args.output:

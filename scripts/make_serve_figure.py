@@ -43,8 +43,10 @@ def score(page, images, labels, indices, model) -> str:
     test = float((predictions == labels).float().mean())
     same = float((predictions[indices] == labels[indices]).float().mean())
     n = len(indices)
-    return (f"page: {right}/{n} drawn test digits right ({right / n:.1%}); the model on the same {n} images: "
-            f"{same:.1%}; on the whole test set: {test:.2%}")
+    return (
+        f"page: {right}/{n} drawn test digits right ({right / n:.1%}); the model on the same {n} images: "
+        f"{same:.1%}; on the whole test set: {test:.2%}"
+    )
 
 
 def main() -> None:
@@ -68,9 +70,13 @@ def main() -> None:
         page.goto(server.url)
         shown = draw(page, images[args.index].numpy())
         box = page.locator("main").bounding_box()
-        page.screenshot(path=str(args.out), clip={"x": box["x"] - 16, "y": box["y"] - 12,
-                                                  "width": box["width"] + 32, "height": box["height"] + 24})
-        print(f"wrote {args.out}: test digit {args.index} (a {int(labels[args.index])}), the page says {shown['digit']}")
+        page.screenshot(
+            path=str(args.out),
+            clip={"x": box["x"] - 16, "y": box["y"] - 12, "width": box["width"] + 32, "height": box["height"] + 24},
+        )
+        print(
+            f"wrote {args.out}: test digit {args.index} (a {int(labels[args.index])}), the page says {shown['digit']}"
+        )
         if args.count:
             rng = np.random.default_rng(args.seed)
             indices = torch.from_numpy(rng.choice(len(images), args.count, replace=False))

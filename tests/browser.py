@@ -17,8 +17,13 @@ import numpy as np
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 SCALE = 8  # page pixels per MNIST pixel: a digit of 28x28 becomes 224x224 on the 280x280 pad
 # 4-neighbours first, so that a stroke follows the skeleton instead of cutting its corners
@@ -53,8 +58,9 @@ def thin(mask: np.ndarray) -> np.ndarray:
     while changed:
         changed = False
         for step in (0, 1):
-            p2, p3, p4, p5, p6, p7, p8, p9 = (at(*d) for d in
-                                              [(-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1)])
+            p2, p3, p4, p5, p6, p7, p8, p9 = (
+                at(*d) for d in [(-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1)]
+            )
             ring = [p2, p3, p4, p5, p6, p7, p8, p9, p2]
             transitions = sum(((ring[i] == 0) & (ring[i + 1] == 1)).astype(int) for i in range(8))
             count = p2.astype(int) + p3 + p4 + p5 + p6 + p7 + p8 + p9
@@ -118,8 +124,9 @@ def draw_with_touch(page, strokes: list[list[tuple[float, float]]]) -> None:
     cdp = page.context.new_cdp_session(page)
     for stroke in strokes:
         for kind, (x, y) in [("touchStart", stroke[0]), *(("touchMove", p) for p in stroke[1:])]:
-            cdp.send("Input.dispatchTouchEvent",
-                     {"type": kind, "touchPoints": [{"x": box["x"] + x, "y": box["y"] + y}]})
+            cdp.send(
+                "Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": box["x"] + x, "y": box["y"] + y}]}
+            )
         cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
     cdp.detach()
 

@@ -67,10 +67,17 @@ def run_cli(args: list[str], processes: int = 1, timeout: float = 300, env: dict
         cmd = [sys.executable, "-m", *args]
     else:
         cmd = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
-            "--num_processes", str(processes), "--num_cpu_threads_per_process", "1",
-            "-m", *args,
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "configs/accelerate/cpu.yaml"),
+            "--num_processes",
+            str(processes),
+            "--num_cpu_threads_per_process",
+            "1",
+            "-m",
+            *args,
         ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
@@ -121,6 +128,9 @@ def trained_run_dir(trained_weights, mnist_test, tmp_path_factory) -> Path:
         accuracy = float((model(images.float() / 255).argmax(1) == labels).float().mean())
     run = tmp_path_factory.mktemp("trained-run")
     shutil.copy(trained_weights, run / "model.safetensors")
-    (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "eval_split": "test",
-                                                  "weights_sha256": sha256_file(run / "model.safetensors")}))
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {"test_accuracy": accuracy, "eval_split": "test", "weights_sha256": sha256_file(run / "model.safetensors")}
+        )
+    )
     return run

@@ -81,10 +81,27 @@ class Server:
 @contextmanager
 def running_server(weights: str | os.PathLike, *options: str, timeout: float = 90) -> Iterator[Server]:
     """``mnist-dist serve --weights WEIGHTS --host 127.0.0.1 --port 0 OPTIONS...``, ready, stopped on exit."""
-    cmd = [sys.executable, "-m", "mnist_dist.cli", "serve", "--weights", str(weights),
-           "--host", "127.0.0.1", "--port", "0", *options]
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "mnist_dist.cli",
+        "serve",
+        "--weights",
+        str(weights),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *options,
+    ]
+    process = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     server = Server(process)
     try:
         server.wait_ready(timeout)

@@ -32,8 +32,10 @@ def missing_reason() -> str | None:
     """Why a cluster cannot be started here (for ``pytest.skip``), or None if it can."""
     missing = [p for p in PROGRAMS if shutil.which(p, path=SEARCH_PATH) is None]
     if missing:
-        return (f"SLURM/munge not installed (missing {', '.join(missing)}); "
-                "apt-get install slurmctld slurmd slurm-client munge")
+        return (
+            f"SLURM/munge not installed (missing {', '.join(missing)}); "
+            "apt-get install slurmctld slurmd slurm-client munge"
+        )
     if os.geteuid() != 0:
         return "starting slurmctld, slurmd and munged needs root"
     return None
@@ -59,8 +61,14 @@ class SlurmCluster:
 
     def submit(self, *args: str, cwd: Path, env: dict[str, str]) -> int:
         """``sbatch ARGS`` from ``cwd`` with the job environment ``env``; returns the job id."""
-        proc = subprocess.run(["sbatch", "--parsable", *args], env={**env, "SLURM_CONF": str(self.conf)},
-                              cwd=cwd, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            env={**env, "SLURM_CONF": str(self.conf)},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
@@ -149,10 +157,14 @@ def start_munged() -> subprocess.Popen | None:
         subprocess.run(["mungekey", "--create", "--keyfile", str(MUNGE_KEY)], check=True, capture_output=True)
     for d in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
         Path(d).mkdir(parents=True, exist_ok=True)
-    subprocess.run(["chown", "-R", "munge:munge", "/run/munge", "/etc/munge", "/var/log/munge", "/var/lib/munge"],
-                   check=True)
-    munged = subprocess.Popen(["su", "-s", "/bin/sh", "munge", "-c", "exec munged --foreground --force"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        ["chown", "-R", "munge:munge", "/run/munge", "/etc/munge", "/var/log/munge", "/var/lib/munge"], check=True
+    )
+    munged = subprocess.Popen(
+        ["su", "-s", "/bin/sh", "munge", "-c", "exec munged --foreground --force"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_until(munge_works, 15, "munged to answer")
     return munged
 
@@ -219,8 +231,11 @@ def running_cluster(root: Path, start_timeout: float = 60) -> Iterator[SlurmClus
             for name, cmd in commands.items():
                 with open(root / "log" / f"{name}.stderr", "wb") as log:
                     daemons.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-            wait_until(lambda: sorted(cluster.idle_nodes()) == list(NODES), start_timeout,
-                       f"2 idle nodes in sinfo (logs in {root / 'log'})")
+            wait_until(
+                lambda: sorted(cluster.idle_nodes()) == list(NODES),
+                start_timeout,
+                f"2 idle nodes in sinfo (logs in {root / 'log'})",
+            )
             yield cluster
         finally:
             _stop(cluster, daemons, munged)
@@ -228,8 +243,9 @@ def running_cluster(root: Path, start_timeout: float = 60) -> Iterator[SlurmClus
 
 def mount_namespaces_work(path: Path) -> bool:
     """Whether a process can get a private tmpfs at ``path`` (root, and a kernel that allows it)."""
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "tmpfs", str(path)],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "tmpfs", str(path)], capture_output=True
+    )
     return probe.returncode == 0
 
 

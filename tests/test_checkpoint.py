@@ -23,8 +23,13 @@ FILE_KINDS = ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "rank
 
 
 def position(step: int) -> dict:
-    return {"progress": {"step": step, "epoch": 0, "batch": step, "train_seconds": 1.0}, "world_size": 1,
-            "config": Config().to_dict(), "scheduler": None, "wandb_run_id": None}
+    return {
+        "progress": {"step": step, "epoch": 0, "batch": step, "train_seconds": 1.0},
+        "world_size": 1,
+        "config": Config().to_dict(),
+        "scheduler": None,
+        "wandb_run_id": None,
+    }
 
 
 RANK = {"interval_loss": 0.25, "interval_steps": 3, "epoch_loss": 1.5, "epoch_steps": 10}
@@ -58,7 +63,9 @@ def flip_byte(path: Path, at: int | None = None) -> None:
 def test_a_saved_checkpoint_records_a_checksum_of_every_file(saver, tmp_path):
     path = saver(tmp_path, 10)
     state = checkpoint.read_state(path)
-    assert state["format"] == 2 and sorted(state["files"]) == sorted(f for f in FILE_KINDS if f != checkpoint.STATE_FILE)
+    assert state["format"] == 2 and sorted(state["files"]) == sorted(
+        f for f in FILE_KINDS if f != checkpoint.STATE_FILE
+    )
     for name, entry in state["files"].items():
         assert entry == {"size": (path / name).stat().st_size, "sha256": checkpoint.sha256_file(path / name)}
     assert state["sha256"] == checkpoint.state_digest(state)
@@ -149,8 +156,9 @@ def test_replacing_a_checkpoint_of_the_same_step_never_leaves_none(saver, tmp_pa
     if swap == "fallback":  # as on a filesystem without renameat2's exchange (e.g. NFS)
         monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
     saver(tmp_path, 7, keep=1)
-    watcher = subprocess.Popen([sys.executable, "-c", WATCHER, str(tmp_path), "4"], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE)
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", WATCHER, str(tmp_path), "4"], cwd=REPO, text=True, stdout=subprocess.PIPE
+    )
     end = time.monotonic() + 4
     saves = 0
     while time.monotonic() < end:
@@ -215,8 +223,9 @@ SAVER = textwrap.dedent("""
 
 @pytest.mark.parametrize("crash", ["in-accelerate", "before-commit"])
 def test_a_save_killed_half_way_is_never_loaded(tmp_path, crash):
-    proc = subprocess.run([sys.executable, "-c", SAVER, str(tmp_path), crash], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVER, str(tmp_path), crash], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 9, proc.stderr[-2000:]
     root = checkpoint.checkpoints_dir(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == [".tmp-step-00000020", "step-00000010"]
@@ -240,8 +249,9 @@ def test_resume_path_never_goes_behind_the_run_directory(saver, tmp_path, caplog
 
 def test_compatibility_rules(tmp_path):
     saved = {"world_size": 2, "config": Config().to_dict(), "progress": {"epoch": 3, "step": 2814}}
-    assert checkpoint.check_compatible(saved, Config(output_dir="elsewhere", log_every=5, epochs=20), 2,
-                                       tmp_path) is None
+    assert (
+        checkpoint.check_compatible(saved, Config(output_dir="elsewhere", log_every=5, epochs=20), 2, tmp_path) is None
+    )
     # Another number of processes: the same global batches in batch_mode global.
     note = checkpoint.check_compatible(saved, Config(), 1, tmp_path / "step-00002814")
     assert note == "checkpoint step-00002814 was written by 2 process(es), continuing on 1"
@@ -261,7 +271,8 @@ def test_compatibility_rules(tmp_path):
 
 def test_rank_state_of_another_world_size_keeps_the_mean(tmp_path):
     for rank, loss in enumerate((1.0, 2.0, 6.0)):
-        (tmp_path / f"rank-{rank}.json").write_text(json.dumps(
-            {"interval_loss": loss, "interval_steps": 4, "epoch_loss": 10 * loss, "epoch_steps": 9}))
+        (tmp_path / f"rank-{rank}.json").write_text(
+            json.dumps({"interval_loss": loss, "interval_steps": 4, "epoch_loss": 10 * loss, "epoch_steps": 9})
+        )
     mean = checkpoint._mean_rank_state(tmp_path, 3)
     assert mean == {"interval_loss": 3.0, "interval_steps": 4, "epoch_loss": 30.0, "epoch_steps": 9}

@@ -53,7 +53,8 @@ def test_bad_options_are_one_error_line_through_the_real_entry_points(tmp_path):
     proc = run_cli(["mnist_dist.train", "--lr", "abc"])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "Error: Invalid value for '--lr': 'abc' is not a valid float. (see: python -m mnist_dist.train --help)"]
+        "Error: Invalid value for '--lr': 'abc' is not a valid float. (see: python -m mnist_dist.train --help)"
+    ]
     proc = run_cli(["mnist_dist.cli", "train", "--epoch", "3"])
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "No such option '--epoch'. Did you mean '--epochs'?" in proc.stderr

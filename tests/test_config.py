@@ -4,8 +4,14 @@ import pytest
 import yaml
 
 from mnist_dist.config import (
-    FIELDS, Config, ConfigError, build_config, effective_lr, global_batch_size,
-    per_process_batch_size, save_config,
+    FIELDS,
+    Config,
+    ConfigError,
+    build_config,
+    effective_lr,
+    global_batch_size,
+    per_process_batch_size,
+    save_config,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +109,7 @@ def test_saved_config_loads_back_identically(tmp_path):
 
 @pytest.mark.parametrize(
     "mode, batch, world, per_process, global_batch",
-    [("global", 64, 1, 64, 64), ("global", 64, 2, 32, 64), ("global", 63, 3, 21, 63),
-     ("per_device", 64, 4, 64, 256)],
+    [("global", 64, 1, 64, 64), ("global", 64, 2, 32, 64), ("global", 63, 3, 21, 63), ("per_device", 64, 4, 64, 256)],
 )
 def test_batch_arithmetic(mode, batch, world, per_process, global_batch):
     cfg = Config(batch_size=batch, batch_mode=mode)

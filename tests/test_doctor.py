@@ -17,8 +17,18 @@ from mnist_dist.config import build_config
 from mnist_dist import diagnose
 from slurm_cluster import free_ports
 
-CHECKS = ["versions", "devices", "launch shape", "slurm", "rendezvous", "collectives", "run directory", "disk",
-          "data", "wandb"]
+CHECKS = [
+    "versions",
+    "devices",
+    "launch shape",
+    "slurm",
+    "rendezvous",
+    "collectives",
+    "run directory",
+    "disk",
+    "data",
+    "wandb",
+]
 
 
 def rows(output: str) -> dict[str, tuple[str, str]]:
@@ -26,8 +36,8 @@ def rows(output: str) -> dict[str, tuple[str, str]]:
     table = {}
     for line in output.splitlines():
         for name in CHECKS:
-            if line.startswith(name + " ") and line[len(name):].split()[0] in ("OK", "WARN", "FAIL"):
-                result, detail = line[len(name):].strip().split(None, 1)
+            if line.startswith(name + " ") and line[len(name) :].split()[0] in ("OK", "WARN", "FAIL"):
+                result, detail = line[len(name) :].strip().split(None, 1)
                 table[name] = (result, detail)
     return table
 
@@ -49,8 +59,9 @@ def test_one_process_passes_with_a_table_and_a_report(tmp_path, data_dir):
 
 @pytest.mark.multiprocess
 def test_two_processes_exchange_and_measure_the_all_reduce(tmp_path, data_dir):
-    proc = run_cli(["mnist_dist.doctor", "--cpu", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run")],
-                   processes=2)
+    proc = run_cli(
+        ["mnist_dist.doctor", "--cpu", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run")], processes=2
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = rows(proc.stdout)
     assert table["rendezvous"][1].startswith("2 of 2 ranks met at 127.0.0.1:")
@@ -64,8 +75,9 @@ def test_two_processes_exchange_and_measure_the_all_reduce(tmp_path, data_dir):
 
 
 def test_missing_data_is_named_with_the_fetch_command(tmp_path):
-    proc = run_cli(["mnist_dist.doctor", "--cpu", "--data-dir", str(tmp_path / "none"), "--output-dir",
-                    str(tmp_path / "run")])
+    proc = run_cli(
+        ["mnist_dist.doctor", "--cpu", "--data-dir", str(tmp_path / "none"), "--output-dir", str(tmp_path / "run")]
+    )
     assert proc.returncode == 1
     result, detail = rows(proc.stdout)["data"]
     assert result == "FAIL" and "mnist is missing in" in detail
@@ -89,8 +101,19 @@ def test_a_rank_that_cannot_reach_the_main_process_fails_in_time_with_one_line(t
 def test_a_main_process_alone_reports_how_many_ranks_arrived(tmp_path, data_dir):
     (port,) = free_ports(1)
     env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    proc = run_cli(["mnist_dist.doctor", "--cpu", "--rendezvous-timeout", "3", "--data-dir", str(data_dir),
-                    "--output-dir", str(tmp_path)], env=env)
+    proc = run_cli(
+        [
+            "mnist_dist.doctor",
+            "--cpu",
+            "--rendezvous-timeout",
+            "3",
+            "--data-dir",
+            str(data_dir),
+            "--output-dir",
+            str(tmp_path),
+        ],
+        env=env,
+    )
     assert proc.returncode == 1
     result, detail = rows(proc.stdout)["rendezvous"]
     assert result == "FAIL" and f"waited 3 s at 127.0.0.1:{port} and 1 of 2 ranks arrived" in detail
@@ -132,8 +155,15 @@ def test_versions_that_differ_are_named(facts):
 
 
 def test_launch_shape_against_gpus_and_cpus(facts):
-    gpu = {"uses": "cuda", "gpus": 2, "gpu_names": ["H100"] * 2, "bf16": True, "nccl": "2.21.5", "cpus": 32,
-           "threads": 4}
+    gpu = {
+        "uses": "cuda",
+        "gpus": 2,
+        "gpu_names": ["H100"] * 2,
+        "bf16": True,
+        "nccl": "2.21.5",
+        "cpus": 32,
+        "threads": 4,
+    }
     for f in facts:
         f["devices"].update(gpu)
         f["procs_per_node"] = 2
@@ -167,8 +197,17 @@ def test_a_run_directory_not_shared_between_nodes_is_named(facts):
 
 def test_slurm_allocation_against_the_nodes_in_use(facts):
     for i, f in enumerate(facts):
-        f["slurm"] = {"job_id": "7", "nnodes": "2", "ntasks": "2", "nodeid": str(i), "gpus_on_node": None,
-                      "cpus_per_task": None, "cpus_on_node": "1", "job_nodelist": "n[1-2]", "restart_count": None}
+        f["slurm"] = {
+            "job_id": "7",
+            "nnodes": "2",
+            "ntasks": "2",
+            "nodeid": str(i),
+            "gpus_on_node": None,
+            "cpus_per_task": None,
+            "cpus_on_node": "1",
+            "job_nodelist": "n[1-2]",
+            "restart_count": None,
+        }
     assert diagnose.slurm_allocation(facts).status == OK
     facts[0]["slurm"]["nnodes"] = facts[1]["slurm"]["nnodes"] = "3"
     check = diagnose.slurm_allocation(facts)
@@ -183,8 +222,14 @@ def doctor_job(cluster, tmp_path: Path, args: list[str], env: dict[str, str] | N
     from test_slurm import job_env
 
     start = time.monotonic()
-    job_id = cluster.submit(f"--output={tmp_path}/doctor-%j.out", "--nodes=2", str(REPO / "launch/doctor.sbatch"),
-                            *args, cwd=REPO, env={**job_env(), **(env or {})})
+    job_id = cluster.submit(
+        f"--output={tmp_path}/doctor-%j.out",
+        "--nodes=2",
+        str(REPO / "launch/doctor.sbatch"),
+        *args,
+        cwd=REPO,
+        env={**job_env(), **(env or {})},
+    )
     job = cluster.wait(job_id, timeout=timeout)
     return job, (tmp_path / f"doctor-{job_id}.out").read_text(), time.monotonic() - start
 
@@ -196,8 +241,9 @@ def node0_rows(output: str) -> dict[str, tuple[str, str]]:
 @pytest.mark.slurm
 @pytest.mark.multiprocess
 def test_a_healthy_allocation_passes(slurm_cluster, data_dir, tmp_path):
-    job, output, seconds = doctor_job(slurm_cluster, tmp_path, ["--data-dir", str(data_dir), "--output-dir",
-                                                                str(tmp_path / "run")])
+    job, output, seconds = doctor_job(
+        slurm_cluster, tmp_path, ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run")]
+    )
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output[-3000:]
     table = node0_rows(output)
     assert list(table) == CHECKS and all(r == "OK" for r, _ in table.values()), output[-3000:]
@@ -214,8 +260,9 @@ def test_a_run_directory_each_node_sees_differently_is_named(slurm_cluster, data
     if slurm_cluster.node_local is None:
         pytest.skip("no mount namespaces here: the nodes cannot have a directory of their own")
     run_dir = slurm_cluster.node_local / tmp_path.name
-    job, output, seconds = doctor_job(slurm_cluster, tmp_path, ["--data-dir", str(data_dir), "--output-dir",
-                                                                str(run_dir)])
+    job, output, seconds = doctor_job(
+        slurm_cluster, tmp_path, ["--data-dir", str(data_dir), "--output-dir", str(run_dir)]
+    )
     assert job["JobState"] == "FAILED"
     result, detail = node0_rows(output)["run directory"]
     assert result == "FAIL" and detail.startswith(f"rank 1 (node n2) does not see the file rank 0 wrote in {run_dir}")
@@ -227,9 +274,12 @@ def test_a_run_directory_each_node_sees_differently_is_named(slurm_cluster, data
 @pytest.mark.multiprocess
 def test_a_wrong_main_address_is_named_in_bounded_time(slurm_cluster, data_dir, tmp_path):
     address = "198.51.100.1"  # TEST-NET-2: no main process of ours is ever there
-    job, output, seconds = doctor_job(slurm_cluster, tmp_path, ["--rendezvous-timeout", "5", "--data-dir",
-                                                                str(data_dir), "--output-dir", str(tmp_path / "run")],
-                                      env={"MAIN_ADDR": address})
+    job, output, seconds = doctor_job(
+        slurm_cluster,
+        tmp_path,
+        ["--rendezvous-timeout", "5", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run")],
+        env={"MAIN_ADDR": address},
+    )
     assert job["JobState"] == "FAILED"
     node1 = [line for line in output.splitlines() if line.startswith("1: Error: rank 1 of 2 (node n2)")]
     assert len(node1) == 1 and f"{address}:" in node1[0], output[-3000:]
@@ -245,8 +295,9 @@ def test_a_wrong_main_address_is_named_in_bounded_time(slurm_cluster, data_dir, 
 @pytest.mark.slurm
 @pytest.mark.multiprocess
 def test_missing_data_on_the_nodes_is_named(slurm_cluster, tmp_path):
-    job, output, _ = doctor_job(slurm_cluster, tmp_path, ["--data-dir", str(tmp_path / "none"), "--output-dir",
-                                                          str(tmp_path / "run")])
+    job, output, _ = doctor_job(
+        slurm_cluster, tmp_path, ["--data-dir", str(tmp_path / "none"), "--output-dir", str(tmp_path / "run")]
+    )
     assert job["JobState"] == "FAILED"
     result, detail = node0_rows(output)["data"]
     assert result == "FAIL" and "mnist is missing in" in detail and "mnist-dist data download" in detail

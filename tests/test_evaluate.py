@@ -55,8 +55,21 @@ def test_exact_global_accuracy_on_any_world_size(trained_weights, data_dir, tmp_
     results = {}
     for world in (1, 3, 7):
         out = tmp_path / f"eval{world}.json"
-        proc = run_cli(["mnist_dist.evaluate", "--weights", str(trained_weights), "--data-dir", str(data_dir),
-                        "--cpu", "--eval-batch-size", "512", "--output", str(out)], processes=world)
+        proc = run_cli(
+            [
+                "mnist_dist.evaluate",
+                "--weights",
+                str(trained_weights),
+                "--data-dir",
+                str(data_dir),
+                "--cpu",
+                "--eval-batch-size",
+                "512",
+                "--output",
+                str(out),
+            ],
+            processes=world,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[world] = read_metrics(out)
     for world, m in results.items():

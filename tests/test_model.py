@@ -11,8 +11,10 @@ def test_default_shapes_are_784_256_10():
     model = MLP()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {
-        "layers.0.weight": (256, 784), "layers.0.bias": (256,),
-        "layers.1.weight": (10, 256), "layers.1.bias": (10,),
+        "layers.0.weight": (256, 784),
+        "layers.0.bias": (256,),
+        "layers.1.weight": (10, 256),
+        "layers.1.bias": (10,),
     }
 
 

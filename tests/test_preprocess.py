@@ -101,9 +101,20 @@ def _save(rgb: np.ndarray, mode: str, fmt: str, path):
 
 
 CASES = [
-    ("L", "png"), ("RGB", "png"), ("RGB", "jpg"), ("L", "jpg"), ("CMYK", "jpg"), ("RGB", "bmp"),
-    ("P", "gif"), ("RGB", "webp"), ("RGBA", "png"), ("LA", "png"), ("P", "png"), ("1", "png"),
-    ("I;16", "png"), ("RGB", "tiff"),
+    ("L", "png"),
+    ("RGB", "png"),
+    ("RGB", "jpg"),
+    ("L", "jpg"),
+    ("CMYK", "jpg"),
+    ("RGB", "bmp"),
+    ("P", "gif"),
+    ("RGB", "webp"),
+    ("RGBA", "png"),
+    ("LA", "png"),
+    ("P", "png"),
+    ("1", "png"),
+    ("I;16", "png"),
+    ("RGB", "tiff"),
 ]
 
 
@@ -245,8 +256,28 @@ def in_mode(rgb: np.ndarray, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-PILLOW_MODES = ["1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "LA", "La", "PA",
-                "I", "F", "I;16", "I;16L", "I;16B", "I;16N"]
+PILLOW_MODES = [
+    "1",
+    "L",
+    "P",
+    "RGB",
+    "RGBA",
+    "RGBX",
+    "RGBa",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "LA",
+    "La",
+    "PA",
+    "I",
+    "F",
+    "I;16",
+    "I;16L",
+    "I;16B",
+    "I;16N",
+]
 
 
 @pytest.mark.parametrize("mode", PILLOW_MODES)
@@ -257,8 +288,10 @@ def test_every_pillow_mode_gives_the_digit(digits, mode):
     assert similarity(preprocess(img), reference(digit)) > 0.95
 
 
-@pytest.mark.parametrize("mode,full", [("I;16", 65535), ("I;16B", 65535), ("I", 65535), ("I;16", 4095),
-                                       ("F", 1.0), ("F", 255.0), ("F", 65535.0)])
+@pytest.mark.parametrize(
+    "mode,full",
+    [("I;16", 65535), ("I;16B", 65535), ("I", 65535), ("I;16", 4095), ("F", 1.0), ("F", 255.0), ("F", 65535.0)],
+)
 def test_high_bit_depth_data_is_scaled_by_its_bit_depth(digits, mode, full):
     digit = digits[11]
     gray = np.asarray(Image.fromarray(on_paper(digit)).convert("L"), np.float64) / 255
@@ -282,8 +315,19 @@ def test_nan_pixels_of_a_float_image_are_refused():
     assert str(info.value) == "image holds NaN or infinite pixel values"
 
 
-@pytest.mark.parametrize("mode,fmt", [("LAB", "tiff"), ("F", "tiff"), ("I;16", "png"), ("I;16B", "tiff"),
-                                      ("CMYK", "tiff"), ("PA", "tiff"), ("YCbCr", "tiff"), ("I", "tiff")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("LAB", "tiff"),
+        ("F", "tiff"),
+        ("I;16", "png"),
+        ("I;16B", "tiff"),
+        ("CMYK", "tiff"),
+        ("PA", "tiff"),
+        ("YCbCr", "tiff"),
+        ("I", "tiff"),
+    ],
+)
 def test_modes_read_back_from_files(digits, tmp_path, mode, fmt):
     digit = digits[10]
     path = tmp_path / f"d.{fmt}"
@@ -308,8 +352,15 @@ def test_every_exif_orientation_is_applied(digits, tmp_path, orientation):
     upright = Image.fromarray(on_paper(digit))
     # Stored as a camera would: turned so that the tag's transposition makes it upright again.
     T = Image.Transpose
-    inverse = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_90,
-               7: T.TRANSVERSE, 8: T.ROTATE_270}
+    inverse = {
+        2: T.FLIP_LEFT_RIGHT,
+        3: T.ROTATE_180,
+        4: T.FLIP_TOP_BOTTOM,
+        5: T.TRANSPOSE,
+        6: T.ROTATE_90,
+        7: T.TRANSVERSE,
+        8: T.ROTATE_270,
+    }
     stored = upright.transpose(inverse[orientation]) if orientation > 1 else upright
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -382,8 +433,21 @@ def test_float_tensors_of_any_precision_read_as_0_to_1(digits, dtype):
         (torch.ones(8, 8, dtype=torch.complex64), "array of dtype complex64 is not an image"),
         (torch.full((8, 8), 300, dtype=torch.int64), "integer array values must be 0-255, found 300..300"),
     ],
-    ids=["uint16-1000", "negative", "float-255", "float-negative", "nan", "inf", "bool", "complex", "object",
-         "strings", "tensor-bool", "tensor-complex", "tensor-int64-300"],
+    ids=[
+        "uint16-1000",
+        "negative",
+        "float-255",
+        "float-negative",
+        "nan",
+        "inf",
+        "bool",
+        "complex",
+        "object",
+        "strings",
+        "tensor-bool",
+        "tensor-complex",
+        "tensor-int64-300",
+    ],
 )
 def test_other_arrays_are_refused_saying_what_to_pass(array, message):
     with pytest.raises(ImageError) as info:

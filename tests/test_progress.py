@@ -63,10 +63,29 @@ def test_log_of_a_non_terminal_run_is_short(tmp_path, data_dir):
     broken = tmp_path / "broken" / "wandb"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise ImportError('tracker none imported wandb')\n")
-    proc = run_cli(["mnist_dist.train", "--config", "configs/train/reference.yaml", "--cpu", "--epochs", "2",
-                    "--batch-size", "256", "--log-every", "5", "--hidden-sizes", "32", "--tracker", "none",
-                    "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run")],
-                   env={"PYTHONPATH": str(broken.parent)})
+    proc = run_cli(
+        [
+            "mnist_dist.train",
+            "--config",
+            "configs/train/reference.yaml",
+            "--cpu",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--log-every",
+            "5",
+            "--hidden-sizes",
+            "32",
+            "--tracker",
+            "none",
+            "--data-dir",
+            str(data_dir),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        env={"PYTHONPATH": str(broken.parent)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).splitlines()
     for epoch in (1, 2):

@@ -52,8 +52,16 @@ def test_reference_recipe_adds_nothing():
 
 
 def test_full_recipe_inputs_are_augmented_and_standardised():
-    cfg = build_config(None, {"normalize": True, "augment_translate": 2.0, "augment_elastic": 1.0,
-                              "lr_schedule": "linear", "warmup_fraction": 0.5})
+    cfg = build_config(
+        None,
+        {
+            "normalize": True,
+            "augment_translate": 2.0,
+            "augment_elastic": 1.0,
+            "lr_schedule": "linear",
+            "warmup_fraction": 0.5,
+        },
+    )
     train_set = _images()
     opt = _optimizer()
     recipe = Recipe(cfg, opt, train_set, total_steps=4, device=CPU)

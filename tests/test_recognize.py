@@ -144,8 +144,10 @@ def test_blank_image_is_reported_not_guessed(recognizer):
 def test_predict_files_reports_each_bad_file_and_goes_on(recognizer, mixed_dir):
     results = {r.file: r for r in recognizer.predict_files([mixed_dir, mixed_dir / "missing.png"])}
     assert results[str(mixed_dir / "a.png")].ok and results[str(mixed_dir / "sub" / "b.jpg")].ok
-    reasons = {name: results[str(mixed_dir / name)].error.reason for name in
-               ("notes.png", "empty.png", "blank.png", "missing.png")}
+    reasons = {
+        name: results[str(mixed_dir / name)].error.reason
+        for name in ("notes.png", "empty.png", "blank.png", "missing.png")
+    }
     assert reasons == {
         "notes.png": "not an image Pillow can read (cannot identify image file)",
         "empty.png": "file is empty",
@@ -161,8 +163,12 @@ def test_find_images_searches_folders_and_keeps_what_it_cannot_use(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     found = find_images([tmp_path / "d", tmp_path / "empty_dir", tmp_path / "nope.png", tmp_path / "d/readme.txt"])
     assert found == [
-        tmp_path / "d/deeper/y.webp", tmp_path / "d/scan", tmp_path / "d/x.PNG",
-        tmp_path / "empty_dir", tmp_path / "nope.png", tmp_path / "d/readme.txt",
+        tmp_path / "d/deeper/y.webp",
+        tmp_path / "d/scan",
+        tmp_path / "d/x.PNG",
+        tmp_path / "empty_dir",
+        tmp_path / "nope.png",
+        tmp_path / "d/readme.txt",
     ]
 
 
@@ -274,8 +280,10 @@ def test_predict_reads_every_mode_and_reports_each_bad_file(recognizer, every_mo
     folder, label = every_mode_dir
     results = {Path(r.file).name: r for r in recognizer.predict_files([folder])}
     bad = {name: r.error.reason for name, r in results.items() if not r.ok}
-    assert bad == {"notes.png": "not an image Pillow can read (cannot identify image file)",
-                   "nan.tif": "image holds NaN or infinite pixel values"}
+    assert bad == {
+        "notes.png": "not an image Pillow can read (cannot identify image file)",
+        "nan.tif": "image holds NaN or infinite pixel values",
+    }
     digits = {name: r.prediction.digit for name, r in results.items() if r.ok}
     assert len(digits) == 10 and set(digits.values()) == {label}, digits
 

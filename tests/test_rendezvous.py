@@ -67,8 +67,20 @@ def one_error_line(proc) -> str:
 def test_a_worker_with_no_main_process_gives_up_in_time_with_one_line(module, tmp_path, trained_weights):
     (port,) = free_ports(1)
     args = ["--weights", str(trained_weights)] if module == "mnist_dist.evaluate" else []
-    proc, seconds = run_timed([sys.executable, "-m", module, *args, "--cpu", "--rendezvous-timeout", str(TIMEOUT),
-                               "--output-dir", str(tmp_path / "run")], env=worker_env(1, port))
+    proc, seconds = run_timed(
+        [
+            sys.executable,
+            "-m",
+            module,
+            *args,
+            "--cpu",
+            "--rendezvous-timeout",
+            str(TIMEOUT),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        env=worker_env(1, port),
+    )
     assert proc.returncode == 1
     line = one_error_line(proc)
     assert line.startswith("Error: rank 1 of 2 (node ")
@@ -81,8 +93,19 @@ def test_a_worker_with_no_main_process_gives_up_in_time_with_one_line(module, tm
 
 def test_a_main_process_whose_other_ranks_never_come_names_how_many_arrived(tmp_path):
     (port,) = free_ports(1)
-    proc, seconds = run_timed([sys.executable, "-m", "mnist_dist.train", "--cpu", "--rendezvous-timeout",
-                               str(TIMEOUT), "--output-dir", str(tmp_path / "run")], env=worker_env(0, port))
+    proc, seconds = run_timed(
+        [
+            sys.executable,
+            "-m",
+            "mnist_dist.train",
+            "--cpu",
+            "--rendezvous-timeout",
+            str(TIMEOUT),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        env=worker_env(0, port),
+    )
     assert proc.returncode == 1
     line = one_error_line(proc)
     assert "rank 0 of 2 (node " in line and f"waited {TIMEOUT} s at 127.0.0.1:{port} and 1 of 2 ranks arrived" in line
@@ -94,12 +117,33 @@ def test_a_main_process_whose_other_ranks_never_come_names_how_many_arrived(tmp_
 @pytest.mark.multiprocess
 def test_two_workers_started_by_hand_meet_and_train(tmp_path, data_dir):
     (port,) = free_ports(1)
-    cmd = [sys.executable, "-m", "mnist_dist.train", "--cpu", "--max-steps", "10", "--tracker", "none",
-           "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mnist_dist.train",
+        "--cpu",
+        "--max-steps",
+        "10",
+        "--tracker",
+        "none",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Rank 1 first: it waits for the main process, which comes a moment later.
-    procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, **worker_env(rank, port)}, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (1, 0)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**env, **worker_env(rank, port)},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for rank in (1, 0)
+    ]
     outputs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert '"world_size": 2' in (tmp_path / "run/metrics.json").read_text()
@@ -110,16 +154,50 @@ def test_two_workers_started_by_hand_meet_and_train(tmp_path, data_dir):
 
 def launch_cmd(machine_rank: int, port: int, run_dir: Path) -> list[str]:
     """accelerate launch as one machine of two, as the README's multi-node command (short timeout)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "configs/accelerate/cpu.yaml"), "--num_cpu_threads_per_process", "1",
-            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--rdzv_conf", f"timeout={TIMEOUT}",
-            "-m", "mnist_dist.train", "--cpu", "--output-dir", str(run_dir)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu.yaml"),
+        "--num_cpu_threads_per_process",
+        "1",
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--machine_rank",
+        str(machine_rank),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--rdzv_conf",
+        f"timeout={TIMEOUT}",
+        "-m",
+        "mnist_dist.train",
+        "--cpu",
+        "--output-dir",
+        str(run_dir),
+    ]
 
 
 def nodes_cmd(node_rank: int, port: int, addr: str = "127.0.0.1") -> list[str]:
-    return [sys.executable, "-m", "mnist_dist.rendezvous", "--nodes", "2", "--node-rank", str(node_rank),
-            "--main-addr", addr, "--main-port", str(port), "--timeout", str(TIMEOUT)]
+    return [
+        sys.executable,
+        "-m",
+        "mnist_dist.rendezvous",
+        "--nodes",
+        "2",
+        "--node-rank",
+        str(node_rank),
+        "--main-addr",
+        addr,
+        "--main-port",
+        str(port),
+        "--timeout",
+        str(TIMEOUT),
+    ]
 
 
 @pytest.mark.parametrize("node_rank", [1, 0])
@@ -139,8 +217,12 @@ def test_a_node_alone_gives_up_in_time_with_one_line(node_rank):
 def test_nodes_meet_and_free_the_port_for_the_launcher():
     (port,) = free_ports(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(nodes_cmd(rank, port), cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for rank in (1, 0)]
+    procs = [
+        subprocess.Popen(
+            nodes_cmd(rank, port), cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for rank in (1, 0)
+    ]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert f"rendezvous: all 2 nodes are up (127.0.0.1:{port}," in outputs[1][0]
@@ -208,9 +290,18 @@ def test_the_bare_launcher_as_machine_rank_0_names_how_many_machines_joined(tmp_
 
 def test_peers_come_from_torchrun_variables():
     assert peers_from_env({"WORLD_SIZE": "1"}) is None
-    peers = peers_from_env({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "1234",
-                            "SLURMD_NODENAME": "n2", "TORCHELASTIC_USE_AGENT_STORE": "True",
-                            "TORCHELASTIC_RUN_ID": "abc", "TORCHELASTIC_RESTART_COUNT": "2"})
+    peers = peers_from_env(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "MASTER_ADDR": "n1",
+            "MASTER_PORT": "1234",
+            "SLURMD_NODENAME": "n2",
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_RUN_ID": "abc",
+            "TORCHELASTIC_RESTART_COUNT": "2",
+        }
+    )
     assert peers == Peers(3, 4, "n1", 1234, "n2", agent_store=True, scope="mnist_dist/abc/2")
     assert not peers.hosts and Peers(0, 2, "n1", 1, "n1").hosts
     with pytest.raises(RendezvousError, match="WORLD_SIZE is 2 but RANK, MASTER_PORT not set"):

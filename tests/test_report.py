@@ -27,14 +27,17 @@ def finished_run(tmp_path, mnist_test):
     tracker = Tracker(cfg, Accelerator(cpu=True), tmp_path)
     tracker.start({**cfg.to_dict(), "world_size": 1})
     for step in range(10, 151, 10):
-        tracker.log_step(step, {"train/loss": 2.0 / step ** 0.5, "lr": 0.5, "train/samples_per_second": 1e4})
+        tracker.log_step(step, {"train/loss": 2.0 / step**0.5, "lr": 0.5, "train/samples_per_second": 1e4})
         if step % 50 == 0:
             tracker.log_epoch(step, {"epoch": step // 50, "test/accuracy": 0.9 + step / 5000, "test/loss": 1 / step})
     predictions = labels.clone()
     predictions[::97] = (labels[::97] + 1) % 10  # 104 wrong answers, every 97th image
     confusion = torch.bincount(labels * 10 + predictions, minlength=100).reshape(10, 10)
-    tracker.finish({"test_accuracy": (predictions == labels).float().mean().item()}, confusion,
-                   misclassified_examples(predictions, images, labels))
+    tracker.finish(
+        {"test_accuracy": (predictions == labels).float().mean().item()},
+        confusion,
+        misclassified_examples(predictions, images, labels),
+    )
     tracker.end()
     return tmp_path
 
@@ -84,15 +87,31 @@ def test_report_command(finished_run, tmp_path):
     result = CliRunner().invoke(main, ["report", str(empty)])
     assert result.exit_code == 1
     assert result.output.splitlines() == [
-        f"Error: {empty / 'history.jsonl'} does not exist: pass the --output-dir of a training run"]
+        f"Error: {empty / 'history.jsonl'} does not exist: pass the --output-dir of a training run"
+    ]
 
 
 def test_report_of_a_run_evaluated_on_a_validation_split(tmp_path, data_dir):
     """A --val-size run logs val/... instead of test/...; its report says so."""
     from conftest import run_cli
 
-    proc = run_cli(["mnist_dist.train", "--max-steps", "60", "--log-every", "10", "--val-size", "1000",
-                    "--tracker", "none", "--data-dir", str(data_dir), "--output-dir", str(tmp_path)])
+    proc = run_cli(
+        [
+            "mnist_dist.train",
+            "--max-steps",
+            "60",
+            "--log-every",
+            "10",
+            "--val-size",
+            "1000",
+            "--tracker",
+            "none",
+            "--data-dir",
+            str(data_dir),
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     paths = write_report(tmp_path)
     assert [p.name for p in paths] == [CURVES_FILE, CONFUSION_FILE, GRID_FILE]

@@ -30,23 +30,51 @@ REFERENCE = ["--config", "configs/train/reference.yaml", "--max-steps", str(STEP
 
 
 def train_args(data_dir, out: Path, *extra: str, recipe=REFERENCE) -> list[str]:
-    return ["mnist_dist.train", *recipe, "--log-every", "7", "--tracker", "none", "--cpu",
-            "--data-dir", str(data_dir), "--output-dir", str(out), *extra]
+    return [
+        "mnist_dist.train",
+        *recipe,
+        "--log-every",
+        "7",
+        "--tracker",
+        "none",
+        "--cpu",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def launch_command(args: list[str], processes: int) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "configs/accelerate/cpu.yaml"), "--num_processes", str(processes),
-            "--num_cpu_threads_per_process", "1", "-m", *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu.yaml"),
+        "--num_processes",
+        str(processes),
+        "--num_cpu_threads_per_process",
+        "1",
+        "-m",
+        *args,
+    ]
 
 
 def start(args: list[str], processes: int, env: dict | None = None) -> subprocess.Popen:
     """Start a run (in a session of its own, as a job's processes would be)."""
-    return subprocess.Popen(launch_command(args, processes), cwd=REPO, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.Popen(
+        launch_command(args, processes),
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
@@ -111,8 +139,11 @@ def test_sigterm_at_a_random_step_then_resume_is_bit_identical(recipe, processes
     output = "".join(lines) + proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, output[-3000:]
     assert "stopped by SIGTERM at step" in output, f"seed {seed}: " + output[-3000:]
-    [saved] = [c for c in checkpoint.complete_checkpoints(stopped) if "stopped by SIGTERM at step "
-               f"{checkpoint.read_state(c)['progress']['step']};" in output]
+    [saved] = [
+        c
+        for c in checkpoint.complete_checkpoints(stopped)
+        if f"stopped by SIGTERM at step {checkpoint.read_state(c)['progress']['step']};" in output
+    ]
     at = checkpoint.read_state(saved)["progress"]
     assert 0 < at["step"] and at["step"] % 7 == 0, at  # stopped at an agreed log interval
     assert not (stopped / "metrics.json").exists()
@@ -127,9 +158,13 @@ def test_sigterm_at_a_random_step_then_resume_is_bit_identical(recipe, processes
     a, b = read_metrics(stopped / "metrics.json"), read_metrics(tmp_path / "straight/metrics.json")
     assert untimed(a) == untimed(b)
     records = history(stopped)
-    assert {"kind": "resume", "step": at["step"]}.items() <= records[[h["kind"] for h in records].index("resume")].items()
-    print(f"{recipe}, {processes} process(es): stopped at step {at['step']} (epoch {at['epoch'] + 1}, batch "
-          f"{at['batch']}), delay {delay:.2f} s (seed {seed}); resumed run bit-identical")
+    assert {"kind": "resume", "step": at["step"]}.items() <= records[
+        [h["kind"] for h in records].index("resume")
+    ].items()
+    print(
+        f"{recipe}, {processes} process(es): stopped at step {at['step']} (epoch {at['epoch'] + 1}, batch "
+        f"{at['batch']}), delay {delay:.2f} s (seed {seed}); resumed run bit-identical"
+    )
 
 
 @pytest.mark.multiprocess
@@ -139,8 +174,10 @@ def test_resume_on_another_number_of_processes(written, resumed_on, data_dir, tm
     seed = random.randrange(10**6)
     every = random.Random(seed).randrange(40, 200)  # a mid-epoch step (235 steps an epoch)
     straight = tmp_path / f"on-{written}"
-    proc = run_cli(train_args(data_dir, straight, "--checkpoint-every", str(every), "--keep-checkpoints", "9",
-                              recipe=BEST), written)
+    proc = run_cli(
+        train_args(data_dir, straight, "--checkpoint-every", str(every), "--keep-checkpoints", "9", recipe=BEST),
+        written,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = checkpoint.checkpoints_dir(straight) / f"step-{every:08d}"
     assert checkpoint.read_state(saved)["progress"]["batch"] == every  # mid-epoch
@@ -153,8 +190,10 @@ def test_resume_on_another_number_of_processes(written, resumed_on, data_dir, tm
     assert (metrics["world_size"], metrics["steps"]) == (resumed_on, 400)
     gap = max_difference(moved / "model.safetensors", straight / "model.safetensors")
     accuracy_gap = abs(metrics["test_correct"] - read_metrics(straight / "metrics.json")["test_correct"])
-    print(f"{written} -> {resumed_on} processes at step {every} (seed {seed}): after {400 - every} more steps the "
-          f"weights differ from the uninterrupted run by at most {gap:.2e}; test correct differs by {accuracy_gap}")
+    print(
+        f"{written} -> {resumed_on} processes at step {every} (seed {seed}): after {400 - every} more steps the "
+        f"weights differ from the uninterrupted run by at most {gap:.2e}; test correct differs by {accuracy_gap}"
+    )
     # Only the order in which the gradient all-reduce sums differs: rounding, grown by SGD.
     assert gap < 1e-4 and accuracy_gap <= 3
 
@@ -206,17 +245,26 @@ def test_every_rank_killed_then_the_same_command_reads_as_one_run(data_dir, tmp_
     straight = run_cli(train_args(data_dir, tmp_path / "straight", "--max-steps", "2000"), 2)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert_same_weights(run / "model.safetensors", tmp_path / "straight/model.safetensors")
-    print(f"killed after {delay:.2f} s (seed {seed}) at about step {logged[-1] if logged else 0}; "
-          f"resumed from step {at}; {len(lost)} logged steps redone; one history, one wandb run; bit-identical")
+    print(
+        f"killed after {delay:.2f} s (seed {seed}) at about step {logged[-1] if logged else 0}; "
+        f"resumed from step {at}; {len(lost)} logged steps redone; one history, one wandb run; bit-identical"
+    )
 
 
 def test_the_same_resume_path_command_twice_does_not_redo_the_work(data_dir, tmp_path):
     source = tmp_path / "source"
-    first = run_cli(train_args(data_dir, source, "--max-steps", "300", "--checkpoint-every", "100",
-                               "--keep-checkpoints", "5"))
+    first = run_cli(
+        train_args(data_dir, source, "--max-steps", "300", "--checkpoint-every", "100", "--keep-checkpoints", "5")
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    command = train_args(data_dir, tmp_path / "continued", "--max-steps", "300",
-                         "--resume", str(checkpoint.checkpoints_dir(source) / "step-00000100"))
+    command = train_args(
+        data_dir,
+        tmp_path / "continued",
+        "--max-steps",
+        "300",
+        "--resume",
+        str(checkpoint.checkpoints_dir(source) / "step-00000100"),
+    )
     once = run_cli(command)
     assert once.returncode == 0 and "samples/s" in once.stderr, once.stderr[-3000:]
     weights = (tmp_path / "continued/model.safetensors").read_bytes()
@@ -241,14 +289,21 @@ def test_a_stop_signal_at_the_last_step_ends_the_run_normally(data_dir, tmp_path
     straight = run_cli(train_args(data_dir, tmp_path / "straight", "--max-steps", "900", "--log-every", "1000"))
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert untimed(read_metrics(tmp_path / "signalled/metrics.json")) == untimed(
-        read_metrics(tmp_path / "straight/metrics.json"))
+        read_metrics(tmp_path / "straight/metrics.json")
+    )
 
 
 @pytest.mark.multiprocess
 def test_sigusr1_sent_to_the_launcher_alone_reaches_every_rank(data_dir, tmp_path):
     """With launch/_common.sh's settings, torch's launcher passes SIGUSR1 on and waits for the checkpoint."""
-    exported = subprocess.run(["bash", "-c", "source launch/_common.sh >/dev/null && env"], cwd=REPO,
-                              capture_output=True, text=True, check=True, env={**os.environ, "MNIST_DIST_DIR": str(REPO)})
+    exported = subprocess.run(
+        ["bash", "-c", "source launch/_common.sh >/dev/null && env"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MNIST_DIST_DIR": str(REPO)},
+    )
     pet = dict(line.split("=", 1) for line in exported.stdout.splitlines() if line.startswith("PET_"))
     assert "SIGUSR1" in pet["PET_SIGNALS_TO_HANDLE"].split(","), pet
     run = tmp_path / "run"
@@ -277,7 +332,10 @@ def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(data_dir,
     (newest / "model.safetensors").write_bytes(bytes(data))
 
     result = CliRunner().invoke(main, ["checkpoints", "verify", str(run)])
-    assert result.exit_code == 1 and "checkpoints/step-00000300: damaged: model.safetensors does not match" in result.output
+    assert (
+        result.exit_code == 1
+        and "checkpoints/step-00000300: damaged: model.safetensors does not match" in result.output
+    )
 
     again = run_cli(args)  # the same command: falls back to step 200 and trains its 100 steps again
     assert again.returncode == 0, again.stderr[-3000:]
@@ -289,8 +347,13 @@ def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(data_dir,
 
     refused = run_cli([*args, "--resume", str(damaged)])
     assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1].startswith(f"Error: --resume {damaged}: this checkpoint cannot be "
-                                                              "used: model.safetensors does not match its checksum")
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"Error: --resume {damaged}: this checkpoint cannot be used: model.safetensors does not match its checksum"
+        )
+    )
     # The run's final weights are protected the same way.
     final = bytearray((run / "model.safetensors").read_bytes())
     final[len(final) // 2] ^= 0x01
@@ -302,8 +365,17 @@ def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(data_dir,
 
 
 def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path):
-    args = ["mnist_dist.train", "--max-steps", "40", "--tracker", "none", "--data-dir", str(data_dir),
-            "--output-dir", str(tmp_path)]
+    args = [
+        "mnist_dist.train",
+        "--max-steps",
+        "40",
+        "--tracker",
+        "none",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(tmp_path),
+    ]
     first = run_cli(args)
     assert first.returncode == 0, first.stderr[-2000:]
     before = (tmp_path / "model.safetensors").read_bytes(), read_metrics(tmp_path / "metrics.json")
@@ -316,8 +388,17 @@ def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path):
 
 
 def test_refusals_are_one_line_and_keep_the_checkpoints(data_dir, tmp_path):
-    args = ["mnist_dist.train", "--max-steps", "20", "--tracker", "none", "--data-dir", str(data_dir),
-            "--output-dir", str(tmp_path)]
+    args = [
+        "mnist_dist.train",
+        "--max-steps",
+        "20",
+        "--tracker",
+        "none",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(tmp_path),
+    ]
     assert run_cli(args).returncode == 0
     kept = checkpoint.complete_checkpoints(tmp_path)
     for extra, expected in [

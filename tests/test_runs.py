@@ -63,8 +63,10 @@ def test_a_run_directory_names_its_weights_and_they_are_verified(tmp_path):
     from mnist_dist.runs import sha256_file
 
     state = _run_with_weights(tmp_path / "run")
-    assert sha256_file(tmp_path / "run/model.safetensors") == __import__("json").loads(
-        (tmp_path / "run/metrics.json").read_text())["weights_sha256"]  # the checksum is of the bytes written
+    assert (
+        sha256_file(tmp_path / "run/model.safetensors")
+        == __import__("json").loads((tmp_path / "run/metrics.json").read_text())["weights_sha256"]
+    )  # the checksum is of the bytes written
     for path in (tmp_path / "run", tmp_path / "run/model.safetensors"):
         loaded = load_weights(path)
         assert all(torch.equal(state[k], loaded[k]) for k in state)
@@ -81,8 +83,11 @@ def test_a_changed_byte_in_a_runs_weights_is_refused_but_a_bare_copy_loads(tmp_p
     data[-3] ^= 0x01  # inside the last float: still a valid safetensors file
     weights.write_bytes(bytes(data))
     for path in (tmp_path / "run", weights):
-        with pytest.raises(WeightsChangedError, match=r"model.safetensors does not match the SHA-256 its run "
-                                                      r"recorded in .*metrics.json .*changed after training"):
+        with pytest.raises(
+            WeightsChangedError,
+            match=r"model.safetensors does not match the SHA-256 its run "
+            r"recorded in .*metrics.json .*changed after training",
+        ):
             load_weights(path)
     shutil.copy(weights, tmp_path / "copy.safetensors")  # a bare file: loaded as it is
     assert set(load_weights(tmp_path / "copy.safetensors")) == {"layers.0.weight", "layers.0.bias"}

@@ -25,7 +25,7 @@ def test_decays_reach_zero_at_the_last_step():
     assert cosine[60] == pytest.approx(0.5) and linear[60] == pytest.approx(0.5)  # half-way through the decay
     assert cosine[35] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert cosine[total] == pytest.approx(0.0, abs=1e-12) and linear[total] == 0.0
-    assert all(a >= b for a, b in zip(cosine[warmup:], cosine[warmup + 1:]))
+    assert all(a >= b for a, b in zip(cosine[warmup:], cosine[warmup + 1 :]))
     assert all(lr_factor(s, total, "constant") == 1.0 for s in range(total))
 
 

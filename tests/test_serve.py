@@ -84,8 +84,11 @@ def test_healthz_reports_the_model_its_test_accuracy_and_the_limits(client, run_
     assert info["status"] == "ok" and info["hidden_sizes"] == [256]
     assert info["test_accuracy"] == metrics["test_accuracy"] and 0.9 < info["test_accuracy"] < 1
     assert info["metrics_file"] == str(run_dir / "metrics.json")
-    assert info["limits"] == {"max_file_bytes": round(MAX_FILE_MB * 2**20), "max_batch": MAX_BATCH,
-                              "max_request_bytes": MAX_REQUEST_MB * 2**20}
+    assert info["limits"] == {
+        "max_file_bytes": round(MAX_FILE_MB * 2**20),
+        "max_batch": MAX_BATCH,
+        "max_request_bytes": MAX_REQUEST_MB * 2**20,
+    }
 
 
 def test_the_page_is_served_and_loads_nothing_from_the_network(client):
@@ -104,7 +107,8 @@ def test_one_file_gets_exactly_the_answer_of_predict_json(client, run_dir, mnist
     assert response.status_code == 200, response.text
     (served,) = response.json()["results"]
     printed = CliRunner().invoke(
-        predict_command, ["--weights", str(run_dir / "model.safetensors"), "--json", str(tmp_path / "seven.png")])
+        predict_command, ["--weights", str(run_dir / "model.safetensors"), "--json", str(tmp_path / "seven.png")]
+    )
     expected = json.loads(printed.stdout)
     assert set(served) == PREDICT_KEYS and served["file"] == "seven.png"
     assert {**served, "file": None} == {**expected, "file": None}
@@ -153,8 +157,10 @@ def test_a_bad_file_in_a_batch_keeps_the_answers_of_the_others(client, mnist_tes
     response = client.post("/predict", files=files)
     assert response.status_code == 422
     body = response.json()
-    assert body["error"] == ("1 of 3 inputs could not be recognised; first: "
-                             "notes.png: not an image Pillow can read (cannot identify image file)")
+    assert body["error"] == (
+        "1 of 3 inputs could not be recognised; first: "
+        "notes.png: not an image Pillow can read (cannot identify image file)"
+    )
     a, bad, b = body["results"]
     assert set(a) == PREDICT_KEYS and a == {**b, "file": "a.png"}
     assert bad == {"file": "notes.png", "error": "not an image Pillow can read (cannot identify image file)"}
@@ -175,42 +181,85 @@ def _chunks(total: int):
 
 
 GARBAGE = {
-    "not an image": (dict(files={"file": ("cat.png", b"\x89PNG but not really")}), 422,
-                     "cat.png: not an image Pillow can read"),
+    "not an image": (
+        dict(files={"file": ("cat.png", b"\x89PNG but not really")}),
+        422,
+        "cat.png: not an image Pillow can read",
+    ),
     "empty file": (dict(files={"file": ("empty.png", b"")}), 422, "empty.png: file is empty"),
-    "truncated png": (lambda: dict(files={"file": ("cut.png", _png(Image.new("L", (300, 300), 90))[:120])}), 422,
-                      "cut.png: image data is truncated or corrupt"),
-    "blank image": (lambda: dict(files={"file": ("white.png", _png(Image.new("L", (64, 64), 255)))}), 422,
-                    "white.png: no ink found (blank image)"),
-    "decompression bomb": (lambda: dict(files={"file": ("bomb.png", _png(Image.new("1", (8200, 8200))))}), 422,
-                           "bomb.png: image is too large (8200x8200 pixels, at most 64 megapixels)"),
-    "file over the size limit": (dict(files={"file": ("big.png", b"\0" * int(MAX_FILE_MB * 2**20 + 1))}), 413,
-                                 "big.png: file has 209,716 bytes, more than the 209,715 allowed per file (0.2 MB"),
-    "a flood of files": (dict(files=[("file", (f"{i}.png", b"x")) for i in range(MAX_BATCH + 1)]), 413,
-                         f"too many files: at most {MAX_BATCH} per request"),
-    "body over the request limit": (dict(content=b"[" + b"0," * (MAX_REQUEST_MB * 2**20) + b"0]",
-                                         headers={"content-type": "application/json"}), 413,
-                                    f"request body is larger than {MAX_REQUEST_MB} MB"),
-    "multipart body over the request limit": (dict(files={"file": ("huge.png", b"\0" * (MAX_REQUEST_MB * 2**20))}),
-                                              413, f"request body is larger than {MAX_REQUEST_MB} MB"),
-    "body over the limit, chunked": (lambda: dict(content=_chunks(MAX_REQUEST_MB * 2**20 + 65536),
-                                                  headers={"content-type": "application/json"}), 413,
-                                     f"request body is larger than {MAX_REQUEST_MB} MB"),
+    "truncated png": (
+        lambda: dict(files={"file": ("cut.png", _png(Image.new("L", (300, 300), 90))[:120])}),
+        422,
+        "cut.png: image data is truncated or corrupt",
+    ),
+    "blank image": (
+        lambda: dict(files={"file": ("white.png", _png(Image.new("L", (64, 64), 255)))}),
+        422,
+        "white.png: no ink found (blank image)",
+    ),
+    "decompression bomb": (
+        lambda: dict(files={"file": ("bomb.png", _png(Image.new("1", (8200, 8200))))}),
+        422,
+        "bomb.png: image is too large (8200x8200 pixels, at most 64 megapixels)",
+    ),
+    "file over the size limit": (
+        dict(files={"file": ("big.png", b"\0" * int(MAX_FILE_MB * 2**20 + 1))}),
+        413,
+        "big.png: file has 209,716 bytes, more than the 209,715 allowed per file (0.2 MB",
+    ),
+    "a flood of files": (
+        dict(files=[("file", (f"{i}.png", b"x")) for i in range(MAX_BATCH + 1)]),
+        413,
+        f"too many files: at most {MAX_BATCH} per request",
+    ),
+    "body over the request limit": (
+        dict(content=b"[" + b"0," * (MAX_REQUEST_MB * 2**20) + b"0]", headers={"content-type": "application/json"}),
+        413,
+        f"request body is larger than {MAX_REQUEST_MB} MB",
+    ),
+    "multipart body over the request limit": (
+        dict(files={"file": ("huge.png", b"\0" * (MAX_REQUEST_MB * 2**20))}),
+        413,
+        f"request body is larger than {MAX_REQUEST_MB} MB",
+    ),
+    "body over the limit, chunked": (
+        lambda: dict(content=_chunks(MAX_REQUEST_MB * 2**20 + 65536), headers={"content-type": "application/json"}),
+        413,
+        f"request body is larger than {MAX_REQUEST_MB} MB",
+    ),
     "no files in the form": (dict(data={"note": "hello"}, files={}), 415, "unsupported content type"),
     "form fields but no files": (dict(files={"note": (None, "hello")}), 422, "no files in the request"),
-    "malformed multipart": (dict(content=b"--x\r\nnonsense", headers={"content-type": "multipart/form-data"}), 400,
-                            "malformed multipart/form-data request (Missing boundary in multipart.)"),
-    "wrong content type": (dict(content=b"7", headers={"content-type": "text/plain"}), 415,
-                           "unsupported content type 'text/plain'"),
-    "wrong content type, large body": (dict(content=b"7" * (MAX_REQUEST_MB * 2**20 // 2),
-                                            headers={"content-type": "text/plain"}), 415, "unsupported content type"),
+    "malformed multipart": (
+        dict(content=b"--x\r\nnonsense", headers={"content-type": "multipart/form-data"}),
+        400,
+        "malformed multipart/form-data request (Missing boundary in multipart.)",
+    ),
+    "wrong content type": (
+        dict(content=b"7", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported content type 'text/plain'",
+    ),
+    "wrong content type, large body": (
+        dict(content=b"7" * (MAX_REQUEST_MB * 2**20 // 2), headers={"content-type": "text/plain"}),
+        415,
+        "unsupported content type",
+    ),
     "no content type": (dict(content=b"7"), 415, "unsupported content type '(none)'"),
-    "invalid json": (dict(content=b"[1, 2,", headers={"content-type": "application/json"}), 400,
-                     "request body is not valid JSON"),
-    "deeply nested json": (dict(content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}),
-                           400, "request body is not valid JSON (maximum recursion depth exceeded"),
-    "a json object": (dict(json={"pixels": [0] * 784}), 422, "expected a JSON array of 784 pixel values (or a "
-                                                             "list of such arrays), got a JSON object"),
+    "invalid json": (
+        dict(content=b"[1, 2,", headers={"content-type": "application/json"}),
+        400,
+        "request body is not valid JSON",
+    ),
+    "deeply nested json": (
+        dict(content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}),
+        400,
+        "request body is not valid JSON (maximum recursion depth exceeded",
+    ),
+    "a json object": (
+        dict(json={"pixels": [0] * 784}),
+        422,
+        "expected a JSON array of 784 pixel values (or a list of such arrays), got a JSON object",
+    ),
     "a json number": (dict(json=7), 422, "got a JSON number"),
     "783 values": (dict(json=[0] * 783), 422, "JSON array has 783 values, expected 784"),
     "rows of the wrong length": (dict(json=[[0] * 27] * 28), 422, "JSON array of shape [28, 27] is not"),
@@ -220,8 +269,11 @@ GARBAGE = {
     "integers over 255": (dict(json=[300] * 784), 422, "array[0]: integer array values must be 0-255, found 300..300"),
     "negative integers": (dict(json=[-1] + [0] * 783), 422, "integer array values must be 0-255, found -1..0"),
     "floats over 1": (dict(json=[2.5] + [0.0] * 783), 422, "float array values must be in [0, 1], found 0..2.5"),
-    "NaN": (dict(content=b"[NaN" + b", 0" * 783 + b"]", headers={"content-type": "application/json"}), 422,
-            "array holds NaN or infinite values"),
+    "NaN": (
+        dict(content=b"[NaN" + b", 0" * 783 + b"]", headers={"content-type": "application/json"}),
+        422,
+        "array holds NaN or infinite values",
+    ),
     "booleans": (dict(json=[True] * 784), 422, "array of dtype bool is not an image"),
     "strings": (dict(json=["a"] * 784), 422, "array of dtype <U1 is not an image"),
     "nulls": (dict(json=[None] * 784), 422, "array of dtype object is not an image"),
@@ -252,8 +304,10 @@ def test_a_declared_oversized_body_is_refused_before_it_is_sent(server):
     """A client that waits for "100 Continue" is answered at once and sends nothing."""
     host, port = server.url.split("//")[1].rstrip("/").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 999999999\r\nExpect: 100-continue\r\n\r\n")
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 999999999\r\nExpect: 100-continue\r\n\r\n"
+        )
         answer = b""
         while b"}" not in answer:  # the JSON body's end
             chunk = conn.recv(65536)
@@ -274,8 +328,7 @@ def test_serve_command_errors_are_one_line(run_dir, tmp_path, monkeypatch):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = CliRunner().invoke(serve_command, ["--weights", str(run_dir / "model.safetensors"),
-                                                  "--port", str(port)])
+        busy = CliRunner().invoke(serve_command, ["--weights", str(run_dir / "model.safetensors"), "--port", str(port)])
     assert busy.exit_code == 1 and "Error: cannot listen on 127.0.0.1:" in busy.output
     assert "choose another --port" in busy.output and busy.output.count("Error") == 1
     import mnist_dist
@@ -289,8 +342,10 @@ def test_serve_command_errors_are_one_line(run_dir, tmp_path, monkeypatch):
 
 
 def test_help_lists_serve_without_importing_the_web_packages():
-    code = ("import sys; from mnist_dist.cli import main; "
-            "print(sorted(main.commands)); print([m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules])")
+    code = (
+        "import sys; from mnist_dist.cli import main; "
+        "print(sorted(main.commands)); print([m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     commands, imported = out.splitlines()
     assert "'serve'" in commands and imported == "[]"

@@ -12,8 +12,16 @@ import json
 import numpy as np
 import pytest
 
-from browser import (clear, digit_strokes, draw_with_mouse, draw_with_touch, launch, missing_reason, read_answer,
-                     wait_for_answer)
+from browser import (
+    clear,
+    digit_strokes,
+    draw_with_mouse,
+    draw_with_touch,
+    launch,
+    missing_reason,
+    read_answer,
+    wait_for_answer,
+)
 from mnist_dist.preprocess import preprocess
 from serving import running_server
 
@@ -46,7 +54,8 @@ def page(server):
 
 
 def test_digits_drawn_with_the_mouse_are_recognised_about_as_well_as_the_test_set(
-        page, mnist_test, trained_run_dir, record_property, capsys):
+    page, mnist_test, trained_run_dir, record_property, capsys
+):
     images, labels = mnist_test
     indices = np.random.default_rng(15).choice(len(images), DIGITS, replace=False)
     right = 0
@@ -62,8 +71,10 @@ def test_digits_drawn_with_the_mouse_are_recognised_about_as_well_as_the_test_se
     record_property("page_right", f"{right}/{DIGITS}")
     record_property("model_test_accuracy", test_accuracy)
     with capsys.disabled():
-        print(f"\nserving page: {right}/{DIGITS} drawn digits right ({right / DIGITS:.1%}); "
-              f"the model's test accuracy: {test_accuracy:.2%}")
+        print(
+            f"\nserving page: {right}/{DIGITS} drawn digits right ({right / DIGITS:.1%}); "
+            f"the model's test accuracy: {test_accuracy:.2%}"
+        )
     assert right / DIGITS >= test_accuracy - MARGIN
 
 
@@ -81,8 +92,10 @@ def test_the_page_shows_what_the_api_answers_and_the_image_the_model_saw(page, s
     (answer,) = httpx.post(server.url + "predict", files={"file": ("d.png", drawing)}).json()["results"]
     assert shown["digit"] == answer["digit"] == int(labels[3])
     assert shown["bars"] == pytest.approx(answer["probabilities"], abs=1e-6)
-    drawn = page.evaluate("[...document.querySelectorAll('.fill')]"
-                          ".map((e) => e.getBoundingClientRect().width / e.parentElement.getBoundingClientRect().width)")
+    drawn = page.evaluate(
+        "[...document.querySelectorAll('.fill')]"
+        ".map((e) => e.getBoundingClientRect().width / e.parentElement.getBoundingClientRect().width)"
+    )
     assert drawn == pytest.approx(shown["bars"], abs=0.01)  # each bar as long as its probability
 
 
@@ -101,5 +114,6 @@ def test_a_finger_draws_like_the_mouse_and_clear_resets_the_page(page, mnist_tes
     clear(page)
     cleared = read_answer(page)
     assert cleared["digit"] is None and cleared["bars"] == [0] * 10 and max(cleared["seen"]) == 0
-    assert page.evaluate("document.getElementById('pad').getContext('2d').getImageData(0, 0, 280, 280)"
-                         ".data.every((v) => v === 255)")
+    assert page.evaluate(
+        "document.getElementById('pad').getContext('2d').getImageData(0, 0, 280, 280).data.every((v) => v === 255)"
+    )

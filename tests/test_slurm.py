@@ -41,8 +41,14 @@ def job_env() -> dict[str, str]:
 
 def submit(cluster, script: str, sbatch_args: list[str], train_args: list[str], out_dir: Path) -> tuple[int, Path]:
     """Submit launch/SCRIPT as the tests' user would; returns the job id and its output file."""
-    job_id = cluster.submit(f"--output={out_dir}/job-%j.out", *sbatch_args, str(REPO / "launch" / script),
-                            *train_args, cwd=REPO, env=job_env())
+    job_id = cluster.submit(
+        f"--output={out_dir}/job-%j.out",
+        *sbatch_args,
+        str(REPO / "launch" / script),
+        *train_args,
+        cwd=REPO,
+        env=job_env(),
+    )
     return job_id, out_dir / f"job-{job_id}.out"
 
 
@@ -63,8 +69,20 @@ def submit_and_wait(cluster, script: str, sbatch_args: list[str], train_args: li
 
 def train_args(data_dir: Path, run_dir: Path) -> list[str]:
     # Log (and so agree on a stop) every 7 steps; long enough to be signalled while training.
-    return ["--config", "configs/train/reference.yaml", "--max-steps", str(STEPS), "--log-every", "7",
-            "--tracker", "none", "--data-dir", str(Path(data_dir).resolve()), "--output-dir", str(run_dir)]
+    return [
+        "--config",
+        "configs/train/reference.yaml",
+        "--max-steps",
+        str(STEPS),
+        "--log-every",
+        "7",
+        "--tracker",
+        "none",
+        "--data-dir",
+        str(Path(data_dir).resolve()),
+        "--output-dir",
+        str(run_dir),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +110,16 @@ def test_multi_node_job_trains_on_both_nodes(multi_node_run):
     print(f"multi-node job {job['JobId']}: accuracy {metrics['test_accuracy']:.4f}")
 
 
-def test_signalled_job_requeues_resumes_and_ends_as_if_never_stopped(slurm_cluster, multi_node_run, data_dir,
-                                                                   tmp_path):
+def test_signalled_job_requeues_resumes_and_ends_as_if_never_stopped(slurm_cluster, multi_node_run, data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    job_id, output_file = submit(slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, run_dir),
-                                 tmp_path)
-    wait_until(lambda: output_file.exists() and "samples/s" in output_file.read_text(), JOB_TIMEOUT,
-               "the job to start training")
+    job_id, output_file = submit(
+        slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, run_dir), tmp_path
+    )
+    wait_until(
+        lambda: output_file.exists() and "samples/s" in output_file.read_text(),
+        JOB_TIMEOUT,
+        "the job to start training",
+    )
     # What SLURM sends before the time limit (#SBATCH --signal=USR1@120), now.
     slurm_cluster.run("scancel", "--signal=USR1", str(job_id))
 
@@ -146,10 +167,14 @@ def test_launcher_alone_signalled_then_requeued_onto_fewer_nodes(slurm_cluster, 
     import signal
 
     run_dir = tmp_path / "run"
-    job_id, output_file = submit(slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, run_dir),
-                                 tmp_path)
-    wait_until(lambda: output_file.exists() and "samples/s" in output_file.read_text(), JOB_TIMEOUT,
-               "the job to start training")
+    job_id, output_file = submit(
+        slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, run_dir), tmp_path
+    )
+    wait_until(
+        lambda: output_file.exists() and "samples/s" in output_file.read_text(),
+        JOB_TIMEOUT,
+        "the job to start training",
+    )
     os.kill(launcher_of_node(slurm_cluster, 1), signal.SIGUSR1)
 
     def requeued() -> bool:
@@ -176,8 +201,10 @@ def test_launcher_alone_signalled_then_requeued_onto_fewer_nodes(slurm_cluster, 
     resumed = load_weights(run_dir / "model.safetensors")
     gap = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
     assert gap < 1e-4
-    print(f"job {job_id}: node 2's launcher signalled, stopped at step {stopped_at}, requeued onto 1 node; "
-          f"weights within {gap:.1e} of the 2-node run")
+    print(
+        f"job {job_id}: node 2's launcher signalled, stopped at step {stopped_at}, requeued onto 1 node; "
+        f"weights within {gap:.1e} of the 2-node run"
+    )
 
 
 def test_single_node_job_runs_one_cpu_process(slurm_cluster, data_dir, tmp_path):
@@ -211,7 +238,7 @@ def job_processes(job_id: int) -> list[int]:
 # main port answers), or it hangs.
 NEVER_JOINS = {
     "killed": "for i in $(seq 300); do (exec 3<>/dev/tcp/$MAIN_ADDR/$MAIN_PORT) 2>/dev/null && break; sleep 0.2; done; "
-              "kill -KILL $$",
+    "kill -KILL $$",
     "hung": "exec sleep 600",
 }
 
@@ -222,14 +249,20 @@ def test_a_second_node_that_never_joins_ends_the_job_in_time_with_one_line(slurm
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(
-        f'#!/bin/bash\nif [ "$SLURM_NODEID" = 1 ]; then {NEVER_JOINS[how]}; fi\nexec {sys.executable} "$@"\n')
+        f'#!/bin/bash\nif [ "$SLURM_NODEID" = 1 ]; then {NEVER_JOINS[how]}; fi\nexec {sys.executable} "$@"\n'
+    )
     (bin_dir / "python").chmod(0o755)
     env = job_env()
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", VIRTUAL_ENV=sys.prefix, RENDEZVOUS_TIMEOUT=str(timeout))
     start = time.monotonic()
-    job_id = slurm_cluster.submit(f"--output={tmp_path}/job-%j.out", "--nodes=2",
-                                  str(REPO / "launch/multi_node.sbatch"), *train_args(data_dir, tmp_path / "run"),
-                                  cwd=REPO, env=env)
+    job_id = slurm_cluster.submit(
+        f"--output={tmp_path}/job-%j.out",
+        "--nodes=2",
+        str(REPO / "launch/multi_node.sbatch"),
+        *train_args(data_dir, tmp_path / "run"),
+        cwd=REPO,
+        env=env,
+    )
     job = slurm_cluster.wait(job_id, timeout=timeout + 90)
     seconds = time.monotonic() - start
     output = (tmp_path / f"job-{job_id}.out").read_text()

@@ -16,8 +16,19 @@ from conftest import read_metrics, run_cli
 pytest.importorskip("wandb", reason="wandb is not installed (these tests read its offline runs)")
 
 # 2 epochs of 118 steps (batch 512): quick, and enough log intervals to see the steps grow.
-QUICK = ["--config", "configs/train/reference.yaml", "--cpu", "--epochs", "2", "--batch-size", "512",
-         "--log-every", "20", "--hidden-sizes", "64"]
+QUICK = [
+    "--config",
+    "configs/train/reference.yaml",
+    "--cpu",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "512",
+    "--log-every",
+    "20",
+    "--hidden-sizes",
+    "64",
+]
 BLOCK, HEADER = 32 * 1024, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
@@ -78,8 +89,11 @@ def offline_runs(run_dir: Path) -> list[Path]:
 
 
 def _train(out: Path, data_dir, *extra, processes=1, env=None):
-    return run_cli(["mnist_dist.train", *QUICK, "--data-dir", str(data_dir), "--output-dir", str(out), *extra],
-                   processes=processes, env=env)
+    return run_cli(
+        ["mnist_dist.train", *QUICK, "--data-dir", str(data_dir), "--output-dir", str(out), *extra],
+        processes=processes,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +158,12 @@ def test_history_file_mirrors_what_wandb_got(offline_run):
 
 def test_unreachable_server_with_online_forced_still_trains(tmp_path, data_dir, offline_run):
     """wandb pointed where nothing listens, online forced: a warning, exit 0, the same metrics."""
-    env = {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40,
-           "WANDB_INIT_TIMEOUT": "1"}
+    env = {
+        "WANDB_MODE": "online",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_INIT_TIMEOUT": "1",
+    }
     start = time.monotonic()
     proc = _train(tmp_path / "run", data_dir, env=env)
     seconds = time.monotonic() - start
@@ -209,13 +227,21 @@ def test_disabled_mode_is_a_quiet_no_op(tmp_path, monkeypatch, caplog):
         tracker.start({"lr": 0.5})
         tracker.log_step(10, {"train/loss": 0.5})
         tracker.log_epoch(12, {"test/accuracy": 0.5})
-        examples = {"images": torch.zeros(2, 28, 28, dtype=torch.uint8), "predicted": torch.tensor([1, 2]),
-                    "label": torch.tensor([7, 7]), "index": torch.tensor([3, 5])}
+        examples = {
+            "images": torch.zeros(2, 28, 28, dtype=torch.uint8),
+            "predicted": torch.tensor([1, 2]),
+            "label": torch.tensor([7, 7]),
+            "index": torch.tensor([3, 5]),
+        }
         tracker.finish({"test_accuracy": 0.5}, torch.eye(10, dtype=torch.long), examples)
         tracker.end()
     assert not caplog.records and not offline_runs(tmp_path)
     assert [json.loads(l)["kind"] for l in (tmp_path / "history.jsonl").read_text().splitlines()] == [
-        "config", "step", "epoch", "summary"]
+        "config",
+        "step",
+        "epoch",
+        "summary",
+    ]
 
 
 def test_a_wandb_failure_mid_run_is_one_warning(tmp_path, monkeypatch, caplog):
@@ -290,15 +316,33 @@ def test_tags_are_words():
 def test_a_resumed_history_keeps_one_record_per_step():
     from mnist_dist.tracking import one_timeline, rewind
 
-    first = [{"kind": "config"}, *({"kind": "step", "step": s} for s in (10, 20, 30, 40)),
-             {"kind": "epoch", "step": 40}, {"kind": "step", "step": 50}]  # crashed after step 50
-    again = [{"kind": "resume", "step": 20}, {"kind": "config"}, {"kind": "step", "step": 30},
-             {"kind": "step", "step": 40}, {"kind": "epoch", "step": 40}, {"kind": "summary", "step": 40}]
+    first = [
+        {"kind": "config"},
+        *({"kind": "step", "step": s} for s in (10, 20, 30, 40)),
+        {"kind": "epoch", "step": 40},
+        {"kind": "step", "step": 50},
+    ]  # crashed after step 50
+    again = [
+        {"kind": "resume", "step": 20},
+        {"kind": "config"},
+        {"kind": "step", "step": 30},
+        {"kind": "step", "step": 40},
+        {"kind": "epoch", "step": 40},
+        {"kind": "summary", "step": 40},
+    ]
     assert rewind(first, 20) == first[:3]
     timeline = one_timeline(first + again)
     assert [(r["kind"], r.get("step")) for r in timeline] == [
-        ("config", None), ("step", 10), ("step", 20), ("resume", 20), ("config", None), ("step", 30),
-        ("step", 40), ("epoch", 40), ("summary", 40)]
+        ("config", None),
+        ("step", 10),
+        ("step", 20),
+        ("resume", 20),
+        ("config", None),
+        ("step", 30),
+        ("step", 40),
+        ("epoch", 40),
+        ("summary", 40),
+    ]
 
 
 def test_history_cut_short_by_a_crash_is_read(tmp_path):
@@ -312,13 +356,16 @@ def test_history_cut_short_by_a_crash_is_read(tmp_path):
         read_history(path)
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("fresh", ("new", None)),
-    ("resumed, nothing logged past the checkpoint", ("resume", "ckpt1234")),
-    ("resumed after a crash that logged past it", ("rewind", "ckpt1234")),
-    ("crashed before its first checkpoint", ("rewind", "first999")),
-    ("finished before, started afresh", ("new", None)),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("fresh", ("new", None)),
+        ("resumed, nothing logged past the checkpoint", ("resume", "ckpt1234")),
+        ("resumed after a crash that logged past it", ("rewind", "ckpt1234")),
+        ("crashed before its first checkpoint", ("rewind", "first999")),
+        ("finished before, started afresh", ("new", None)),
+    ],
+)
 def test_which_wandb_run_a_run_continues(tmp_path, case, expected):
     from accelerate import Accelerator
 
@@ -326,14 +373,23 @@ def test_which_wandb_run_a_run_continues(tmp_path, case, expected):
 
     history = {
         "fresh": [],
-        "resumed, nothing logged past the checkpoint": [{"kind": "config", "wandb_run_id": "ckpt1234"},
-                                                         {"kind": "step", "step": 100}],
-        "resumed after a crash that logged past it": [{"kind": "config", "wandb_run_id": "ckpt1234"},
-                                                      {"kind": "step", "step": 100}, {"kind": "step", "step": 150}],
-        "crashed before its first checkpoint": [{"kind": "config", "wandb_run_id": "first999"},
-                                                {"kind": "step", "step": 50}],
-        "finished before, started afresh": [{"kind": "config", "wandb_run_id": "old77777"},
-                                            {"kind": "summary", "step": 9380}],
+        "resumed, nothing logged past the checkpoint": [
+            {"kind": "config", "wandb_run_id": "ckpt1234"},
+            {"kind": "step", "step": 100},
+        ],
+        "resumed after a crash that logged past it": [
+            {"kind": "config", "wandb_run_id": "ckpt1234"},
+            {"kind": "step", "step": 100},
+            {"kind": "step", "step": 150},
+        ],
+        "crashed before its first checkpoint": [
+            {"kind": "config", "wandb_run_id": "first999"},
+            {"kind": "step", "step": 50},
+        ],
+        "finished before, started afresh": [
+            {"kind": "config", "wandb_run_id": "old77777"},
+            {"kind": "summary", "step": 9380},
+        ],
     }[case]
     (tmp_path / HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
     resumed = None
@@ -369,7 +425,8 @@ def test_a_wandb_start_that_never_returns_is_given_up_in_bounded_time(tmp_path, 
     assert 2 <= time.monotonic() - start < 6
     assert not tracker.wandb_on
     assert [r.getMessage() for r in caplog.records] == [
-        f"wandb did not start within 2 s; training goes on without it, the history is in {tmp_path / 'history.jsonl'}"]
+        f"wandb did not start within 2 s; training goes on without it, the history is in {tmp_path / 'history.jsonl'}"
+    ]
     tracker.log_step(10, {"train/loss": 0.5})
     release.set()
     tracker.end()

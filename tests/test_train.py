@@ -13,8 +13,9 @@ FAST = ["--config", "configs/train/reference.yaml", "--cpu"]
 
 def _train(tmp_path, name, data_dir, *extra, processes=1):
     out = tmp_path / name
-    proc = run_cli(["mnist_dist.train", *FAST, "--data-dir", str(data_dir), "--output-dir", str(out), *extra],
-                   processes=processes)
+    proc = run_cli(
+        ["mnist_dist.train", *FAST, "--data-dir", str(data_dir), "--output-dir", str(out), *extra], processes=processes
+    )
     return out, proc
 
 
@@ -22,8 +23,16 @@ def test_short_run_writes_the_run_directory(tmp_path, data_dir):
     out, proc = _train(tmp_path, "one", data_dir, "--max-steps", "50", "--hidden-sizes", "64")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(out / "metrics.json")
-    for key in ("test_accuracy", "test_correct", "test_total", "test_loss", "world_size",
-                "train_seconds", "epochs", "steps"):
+    for key in (
+        "test_accuracy",
+        "test_correct",
+        "test_total",
+        "test_loss",
+        "world_size",
+        "train_seconds",
+        "epochs",
+        "steps",
+    ):
         assert key in metrics
     assert (metrics["steps"], metrics["epochs"], metrics["world_size"], metrics["test_total"]) == (50, 1, 1, 10000)
     assert metrics["test_accuracy"] > 0.7
@@ -53,8 +62,21 @@ def test_two_processes_follow_the_mathematics_of_one(tmp_path, data_dir):
 
 @pytest.mark.multiprocess
 def test_shuffled_per_device_mode_runs_on_two_processes(tmp_path, data_dir):
-    out, proc = _train(tmp_path, "pd", data_dir, "--max-steps", "30", "--shuffle", "--batch-mode", "per_device",
-                       "--batch-size", "32", "--lr-scaling", "linear", processes=2)
+    out, proc = _train(
+        tmp_path,
+        "pd",
+        data_dir,
+        "--max-steps",
+        "30",
+        "--shuffle",
+        "--batch-mode",
+        "per_device",
+        "--batch-size",
+        "32",
+        "--lr-scaling",
+        "linear",
+        processes=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_metrics(out / "metrics.json")
     assert (m["global_batch_size"], m["per_process_batch_size"], m["lr"]) == (64, 32, 1.0)
@@ -128,16 +150,39 @@ def test_a_killed_rank_ends_the_whole_job_quickly(tmp_path, data_dir):
     from conftest import REPO
 
     out = tmp_path / "kill"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
-           "-m", "mnist_dist.train", "--cpu", "--epochs", "50", "--data-dir", str(data_dir), "--output-dir", str(out)]
-    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu.yaml"),
+        "-m",
+        "mnist_dist.train",
+        "--cpu",
+        "--epochs",
+        "50",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+    ]
+    launcher = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
     ranks = []
     while time.time() < deadline and len(ranks) < 2:  # wait for training to be under way
         time.sleep(1)
-        found = subprocess.run(["pgrep", "-f", f"mnist_dist.train --cpu --epochs 50 --data-dir {data_dir} --output-dir {out}"],
-                               capture_output=True, text=True).stdout.split()
+        found = subprocess.run(
+            ["pgrep", "-f", f"mnist_dist.train --cpu --epochs 50 --data-dir {data_dir} --output-dir {out}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         ranks = [int(p) for p in found if int(p) != launcher.pid]
     assert len(ranks) == 2, "training processes did not start"
     time.sleep(3)
@@ -166,14 +211,28 @@ def test_compiled_model_saves_plain_weights(tmp_path, data_dir):
     out, proc = _train(tmp_path, "compiled", data_dir, "--max-steps", "20", "--tracker", "none", "--compile", "default")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(load_weights(out / "model.safetensors")) == {
-        "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"}
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.1.weight",
+        "layers.1.bias",
+    }
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture (compile reduce-overhead) needs a GPU")
 def test_cuda_graph_capture_matches_eager_on_gpu(tmp_path, data_dir):
     eager, p1 = _train(tmp_path, "eager", data_dir, "--max-steps", "50", "--tracker", "none", "--no-cpu")
-    graphs, p2 = _train(tmp_path, "graphs", data_dir, "--max-steps", "50", "--tracker", "none", "--no-cpu",
-                        "--compile", "reduce-overhead")
+    graphs, p2 = _train(
+        tmp_path,
+        "graphs",
+        data_dir,
+        "--max-steps",
+        "50",
+        "--tracker",
+        "none",
+        "--no-cpu",
+        "--compile",
+        "reduce-overhead",
+    )
     assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-3000:]
     m1, m2 = read_metrics(eager / "metrics.json"), read_metrics(graphs / "metrics.json")
     assert m1["device"] == m2["device"] == "cuda"
@@ -182,10 +241,35 @@ def test_cuda_graph_capture_matches_eager_on_gpu(tmp_path, data_dir):
 
 # Every recipe feature at once (small numbers, few steps): augmentation with elastic
 # distortion, standardisation, warm-up + cosine schedule, label smoothing, Nesterov momentum.
-RECIPE = ["--tracker", "none", "--shuffle", "--lr", "0.1", "--momentum", "0.9", "--nesterov",
-          "--lr-schedule", "cosine", "--warmup-fraction", "0.1", "--label-smoothing", "0.1", "--normalize",
-          "--augment-translate", "2", "--augment-rotate", "10", "--augment-scale", "0.1", "--augment-shear", "10",
-          "--augment-elastic", "1", "--log-every", "10"]
+RECIPE = [
+    "--tracker",
+    "none",
+    "--shuffle",
+    "--lr",
+    "0.1",
+    "--momentum",
+    "0.9",
+    "--nesterov",
+    "--lr-schedule",
+    "cosine",
+    "--warmup-fraction",
+    "0.1",
+    "--label-smoothing",
+    "0.1",
+    "--normalize",
+    "--augment-translate",
+    "2",
+    "--augment-rotate",
+    "10",
+    "--augment-scale",
+    "0.1",
+    "--augment-shear",
+    "10",
+    "--augment-elastic",
+    "1",
+    "--log-every",
+    "10",
+]
 
 
 def _lr_history(run_dir):
@@ -220,9 +304,23 @@ def test_standardised_run_saves_weights_for_raw_pixels(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = load_weights(out / "model.safetensors")
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
-        "layers.0.weight": (256, 784), "layers.0.bias": (256,), "layers.1.weight": (10, 256), "layers.1.bias": (10,)}
-    proc = run_cli(["mnist_dist.evaluate", "--weights", str(out / "model.safetensors"), "--cpu",
-                    "--data-dir", str(data_dir), "--output", str(tmp_path / "eval.json")])
+        "layers.0.weight": (256, 784),
+        "layers.0.bias": (256,),
+        "layers.1.weight": (10, 256),
+        "layers.1.bias": (10,),
+    }
+    proc = run_cli(
+        [
+            "mnist_dist.evaluate",
+            "--weights",
+            str(out / "model.safetensors"),
+            "--cpu",
+            "--data-dir",
+            str(data_dir),
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained, evaluated = read_metrics(out / "metrics.json"), read_metrics(tmp_path / "eval.json")
     assert trained["test_accuracy"] > 0.8
@@ -230,8 +328,19 @@ def test_standardised_run_saves_weights_for_raw_pixels(tmp_path, data_dir):
 
 
 def test_validation_split_replaces_the_test_set(tmp_path, data_dir):
-    out, proc = _train(tmp_path, "val", data_dir, "--max-steps", "20", "--hidden-sizes", "32", "--val-size", "5000",
-                       "--tracker", "none")
+    out, proc = _train(
+        tmp_path,
+        "val",
+        data_dir,
+        "--max-steps",
+        "20",
+        "--hidden-sizes",
+        "32",
+        "--val-size",
+        "5000",
+        "--tracker",
+        "none",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(out / "metrics.json")
     assert (metrics["eval_split"], metrics["val_total"]) == ("val", 5000)
