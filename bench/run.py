@@ -115,9 +115,8 @@ def table(results: dict[str, list[dict]]) -> str:
     if floor and ours:
         lines.append(f"- mnist-dist / floor, training time: **{median(ours, 'train') / median(floor, 'train'):.3f}x**")
     if imp and ours:
-        lines.append(
-            f"- mnist-dist peak RSS above the bare import: **{median(ours, 'peak_mb') - median(imp, 'peak_mb'):.0f} MB**"
-        )
+        above = median(ours, "peak_mb") - median(imp, "peak_mb")
+        lines.append(f"- mnist-dist peak RSS above the bare import: **{above:.0f} MB**")
     return "\n".join(lines)
 
 

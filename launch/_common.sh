@@ -34,7 +34,7 @@ main_port() {
     fi
 }
 MAIN_PORT=${MAIN_PORT:-$(main_port)}
-# Start-up bound, in seconds: the nodes meet first (python -m mnist_dist.rendezvous), and the
+# Start-up bound, in seconds: the nodes meet first (mnist-dist rendezvous), and the
 # launcher's own rendezvous gives up after as long (torch's default is 10 minutes, then a retry).
 RENDEZVOUS_TIMEOUT=${RENDEZVOUS_TIMEOUT:-120}
 

@@ -1,7 +1,9 @@
 """Command line: parse, build the config, call one function. No logic lives here.
 
 Every config key gets an option (``batch_size`` -> ``--batch-size``, booleans as
-``--shuffle/--no-shuffle``), generated from ``Config`` so the two never drift apart.
+``--shuffle/--no-shuffle``), generated from ``Config`` so the two never drift apart. Each
+command imports what it runs only when it runs: ``mnist-dist --help`` loads no torch.
+Any ``UserError`` (``errors.py``) ends the command with one ``Error:`` line, no traceback.
 """
 
 from __future__ import annotations
@@ -14,30 +16,13 @@ from typing import Any, NoReturn
 
 import click
 
-from .checkpoint import CheckpointError
-from .config import FIELDS, ConfigError, build_config, field_type
-from .data import DataError
-from .rendezvous import RendezvousError
-from .runs import RunDirError, WeightsChangedError
-
-from .preempt import Stopped
-from .train import NonFiniteError
-
-# Errors whose message is the whole story: shown as one line, no traceback.
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    RunDirError,
-    FileNotFoundError,
-    NonFiniteError,
-    CheckpointError,
-    WeightsChangedError,
-    RendezvousError,
-)
+from .config import FIELDS, build_config, field_type
+from .errors import RendezvousError, Stopped, UserError
+from .inference.commands import export_command, predict_command, serve_command
 
 
 class _OneLineErrors:
-    """Report bad options as one ``Error:`` line (no usage block), like every other error."""
+    """Report bad options and user errors as one ``Error:`` line (no usage block, no traceback)."""
 
     def main(self, *args, **kwargs):
         if not kwargs.get("standalone_mode", True):
@@ -54,6 +39,11 @@ class _OneLineErrors:
         except click.exceptions.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
+        except UserError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except Stopped as exc:  # a checkpoint is saved and the main process said so
+            sys.exit(exc.exit_code)
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -91,30 +81,13 @@ def config_options(func):
     )(func)
 
 
-def _config(config_path: str | None, overrides: dict[str, Any]):
-    try:
-        return build_config(config_path, overrides)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _run(fn, *args):
-    try:
-        return fn(*args)
-    except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
-    except Stopped as exc:  # a checkpoint is saved and the main process said so
-        sys.exit(exc.exit_code)
-
-
 @click.command("train", cls=Command)
 @config_options
 def train_command(config_path: str | None, **overrides: Any) -> None:
     """Train the MLP and evaluate it after every epoch; write the run directory."""
-    cfg = _config(config_path, overrides)
-    from .train import run
+    from .training.job import run
 
-    _run(run, cfg)
+    run(build_config(config_path, overrides))
 
 
 @click.command("eval", cls=Command)
@@ -128,10 +101,22 @@ def train_command(config_path: str | None, **overrides: Any) -> None:
 @config_options
 def eval_command(weights: str, output: str | None, config_path: str | None, **overrides: Any) -> None:
     """Evaluate saved weights on the test split, exactly, on any number of processes."""
-    cfg = _config(config_path, overrides)
-    from .evaluate import run_evaluation
+    from .evaluation import run_evaluation
 
-    _run(run_evaluation, cfg, weights, output)
+    run_evaluation(build_config(config_path, overrides), weights, output)
+
+
+@click.command("doctor", cls=Command)
+@click.option(
+    "--report", type=click.Path(dir_okay=False), help="Write the JSON report here (default: OUTPUT_DIR/doctor.json)."
+)
+@config_options
+def doctor_command(report: str | None, config_path: str | None, **overrides: Any) -> None:
+    """Check, before training, what would make it fail or hang: versions, devices, rendezvous,
+    collectives, run directory, data, wandb. Launch it the way training is launched."""
+    from .preflight.doctor import run_doctor
+
+    sys.exit(run_doctor(build_config(config_path, overrides), report))
 
 
 @click.group("data")
@@ -145,10 +130,10 @@ def data_group() -> None:
 @click.option("--replace-corrupt", is_flag=True, help="Replace files that fail verification (kept as *.corrupt).")
 def download_command(dataset: str, data_dir: str, replace_corrupt: bool) -> None:
     """Fetch DATASET into DATA_DIR and verify every file (size and md5)."""
-    from .data import ensure_dataset
+    from .data.sources import ensure_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    raw = _run(ensure_dataset, data_dir, dataset, replace_corrupt)
+    raw = ensure_dataset(data_dir, dataset, replace_corrupt)
     click.echo(f"{dataset}: all files verified in {raw}")
 
 
@@ -166,7 +151,7 @@ def verify_command(run_dir: str) -> None:
     """
     from pathlib import Path
 
-    from .checkpoint import verify_run
+    from .training.integrity import verify_run
 
     lines, ok = verify_run(Path(run_dir))
     for line in lines:
@@ -175,18 +160,14 @@ def verify_command(run_dir: str) -> None:
         sys.exit(1)
 
 
-@click.command("doctor", cls=Command)
-@click.option(
-    "--report", type=click.Path(dir_okay=False), help="Write the JSON report here (default: OUTPUT_DIR/doctor.json)."
-)
-@config_options
-def doctor_command(report: str | None, config_path: str | None, **overrides: Any) -> None:
-    """Check, before training, what would make it fail or hang: versions, devices, rendezvous,
-    collectives, run directory, data, wandb. Launch it the way training is launched."""
-    cfg = _config(config_path, overrides)
-    from .doctor import run_doctor
+@click.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report_command(run_dir: str) -> None:
+    """Draw a finished run's pictures into RUN_DIR: curves, confusion matrix, misclassified digits."""
+    from .tracking.report import write_report
 
-    sys.exit(_run(run_doctor, cfg, report))
+    for path in write_report(run_dir):
+        click.echo(f"wrote {path}")
 
 
 @click.command("rendezvous", cls=Command)
@@ -205,7 +186,7 @@ def rendezvous_command(nodes: int, node_rank: int, main_addr: str, main_port: in
     """Wait until every node of a job is up, before the launcher starts (used by launch/)."""
     import time
 
-    from .rendezvous import wait_for_nodes
+    from .distributed.rendezvous import wait_for_nodes
 
     try:
         seconds = wait_for_nodes(nodes, node_rank, main_addr, main_port, timeout)
@@ -222,83 +203,22 @@ def rendezvous_command(nodes: int, node_rank: int, main_addr: str, main_port: in
 @click.group(cls=Group)
 @click.version_option(package_name="mnist-dist")
 def main() -> None:
-    """mnist-dist: train and evaluate an MNIST MLP on 1..N processes with Accelerate."""
+    """mnist-dist: train, evaluate and serve an MNIST MLP on 1..N processes with Accelerate."""
 
 
-main.add_command(train_command)
-main.add_command(eval_command)
-main.add_command(data_group)
-main.add_command(checkpoints_group)
-main.add_command(doctor_command)
-
-from .report import report_command  # noqa: E402  (its own module; registered like the others)
-
-main.add_command(report_command)
-
-from .predict_cli import export_command, predict_command  # noqa: E402
-
-main.add_command(predict_command)
-main.add_command(export_command)
-
-# Optional packages of `mnist-dist serve` (pip install "mnist-dist[serve]").
-SERVE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "anyio")
-
-
-def _serve_module():
-    """``mnist_dist.serve``, imported only when serving; a missing web package is one ``Error:`` line."""
-    try:
-        from . import serve
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in SERVE_PACKAGES:
-            raise
-        raise click.ClickException(
-            f"mnist-dist serve needs the package {exc.name!r}, not installed: "
-            "pip install 'mnist-dist[serve]' (in a checkout: pip install -e '.[serve]')"
-        ) from None
-    return serve
-
-
-@click.command("serve", cls=Command)
-@click.option(
-    "--weights", required=True, type=click.Path(dir_okay=True), help="model.safetensors of a run, or the run directory."
-)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all interfaces).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
-@click.option(
-    "--max-file-mb",
-    type=click.FloatRange(0, min_open=True),
-    default=5.0,
-    show_default=True,
-    help="Largest image file accepted, in MB.",
-)
-@click.option(
-    "--max-batch",
-    type=click.IntRange(1),
-    default=64,
-    show_default=True,
-    help="Most images (files or arrays) in one request.",
-)
-@click.option(
-    "--max-request-mb",
-    type=click.FloatRange(0, min_open=True),
-    default=32.0,
-    show_default=True,
-    help="Largest request body accepted, in MB.",
-)
-def serve_command(
-    weights: str, host: str, port: int, max_file_mb: float, max_batch: int, max_request_mb: float
-) -> None:
-    """Serve a page to draw digits on, and an HTTP API: POST /predict, GET /healthz."""
-    serve = _serve_module()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    limits = serve.Limits(round(max_file_mb * serve.MB), max_batch, round(max_request_mb * serve.MB))
-    try:
-        serve.run_server(weights, host, port, limits)
-    except (FileNotFoundError, ValueError, serve.ServeError) as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-main.add_command(serve_command)
+for command in (
+    train_command,
+    eval_command,
+    data_group,
+    checkpoints_group,
+    report_command,
+    doctor_command,
+    rendezvous_command,
+    predict_command,
+    export_command,
+    serve_command,
+):
+    main.add_command(command)
 
 
 def run_as_process(command: click.Command, **kwargs: Any) -> NoReturn:

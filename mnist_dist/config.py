@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import os
 import types
 import typing
@@ -16,9 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem, described in one line that names the key."""
+# Bounds on values that would pass a type check but fail later, after the processes have
+# met: numpy's seed is 32-bit; torch's process-group timeouts overflow far beyond a week;
+# a hidden layer wider than this is a typo (and an out-of-memory error); both datasets
+# have 60,000 training images to hold some out of.
+MAX_SEED, MAX_TIMEOUT, MAX_WIDTH, TRAIN_IMAGES = 2**32 - 1, 7 * 24 * 3600, 65536, 60_000
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -34,7 +39,7 @@ class Config:
     data_dir: str = _opt("data", "Directory holding DATASET/raw/ (fetched there if missing).")
     output_dir: str = _opt("runs/default", "Run directory: config, metrics, weights.")
     # Model
-    hidden_sizes: tuple[int, ...] = _opt((256,), "Hidden layer widths, e.g. 256 or 512,256.", min=1)
+    hidden_sizes: tuple[int, ...] = _opt((256,), "Hidden layer widths, e.g. 256 or 512,256.", min=1, max=MAX_WIDTH)
     # Schedule and batches
     epochs: int = _opt(10, "Passes over the training set.", min=1)
     max_steps: int | None = _opt(None, "Stop after this many optimizer steps (all epochs).", min=1)
@@ -46,7 +51,7 @@ class Config:
     )
     eval_batch_size: int = _opt(1000, "Evaluation batch size per process.", min=1)
     shuffle: bool = _opt(False, "Reshuffle the training set every epoch (seeded).")
-    seed: int = _opt(0, "Seed for weights and shuffling; the same on every process.", min=0)
+    seed: int = _opt(0, "Seed for weights and shuffling; the same on every process.", min=0, max=MAX_SEED)
     # Optimizer
     lr: float = _opt(0.5, "SGD learning rate (for the global batch).", min_exclusive=0.0)
     lr_scaling: str = _opt(
@@ -85,7 +90,12 @@ class Config:
     augment_elastic: float = _opt(
         0.0, "Elastic distortion of training images: smooth random displacements of std N pixels.", min=0.0
     )
-    val_size: int = _opt(0, "Hold out the last N training images and evaluate on them instead of the test set.", min=0)
+    val_size: int = _opt(
+        0,
+        "Hold out the last N training images and evaluate on them instead of the test set.",
+        min=0,
+        max_exclusive=TRAIN_IMAGES,
+    )
     # Execution
     cpu: bool = _opt(False, "Train on CPU even if a GPU is present (needed for CPU processes).")
     mixed_precision: str = _opt(
@@ -98,10 +108,16 @@ class Config:
     )
     log_every: int = _opt(100, "Log training loss every N optimizer steps.", min=1)
     collective_timeout: int = _opt(
-        300, "Seconds a process waits for the others in a collective before the job fails.", min=1
+        300,
+        "Seconds a process waits for the others in a collective before the job fails.",
+        min=1,
+        max=MAX_TIMEOUT,
     )
     rendezvous_timeout: int = _opt(
-        120, "Seconds a process waits at start-up for the main process and the others before the run fails.", min=1
+        120,
+        "Seconds a process waits at start-up for the main process and the others before the run fails.",
+        min=1,
+        max=MAX_TIMEOUT,
     )
     # Checkpoints, resume and preemption
     checkpoint_every: int = _opt(
@@ -179,72 +195,98 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{where}{hint}")
 
 
+def _words(name: str, value: Any) -> tuple[str, ...]:
+    # "a,b" on the command line, a YAML list or one string in a file; may be empty.
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"config key '{name}' must be a list of strings like a,b, got {value!r}")
+    return tuple(v.strip() for v in value)
+
+
+def _integers(name: str, value: Any) -> tuple[int, ...]:
+    # "512,256" on the command line, a YAML list, or one integer.
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"config key '{name}' must be integers like 256 or 512,256, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ConfigError(f"config key '{name}' must be a non-empty list of integers, got {value!r}")
+    return tuple(value)
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key '{name}' must be true or false, got {value!r}")
+    return value
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config key '{name}' must be an integer, got {value!r}")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    # PyYAML reads 1e-3 (no dot) as a string: numeric strings are accepted.
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{name}' must be a number, got {value!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"config key '{name}' must be a finite number, got {value!r}")
+    return value
+
+
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{name}' must be a string, got {value!r}")
+    choices = FIELDS[name].metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{name}' must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+# How a value of each kind of field is read and checked.
+_READERS = {"words": _words, "integers": _integers, bool: _boolean, int: _integer, float: _number, str: _string}
+# Bounds a field may declare in its metadata, how each is tested, and how the message says it.
+_BOUNDS = (
+    ("min", operator.ge, ">="),
+    ("min_exclusive", operator.gt, ">"),
+    ("max", operator.le, "<="),
+    ("max_exclusive", operator.lt, "<"),
+)
+
+
+def _kind(name: str) -> Any:
+    kind = field_type(name)
+    if kind is tuple:
+        return "words" if typing.get_args(_HINTS[name])[0] is str else "integers"
+    return kind
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Check one value against its field's type and bounds; return the normalised value."""
     if value is None:
         if is_optional(name):
             return None
         raise ConfigError(f"config key '{name}' must not be empty (null)")
-    kind = field_type(name)
+    value = _READERS[_kind(name)](name, value)
     meta = FIELDS[name].metadata
-    if kind is tuple and typing.get_args(_HINTS[name])[0] is str:
-        # Words (tags): "a,b" on the command line, a YAML list or one string in a file; may be empty.
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise ConfigError(f"config key '{name}' must be a list of strings like a,b, got {value!r}")
-        return tuple(v.strip() for v in value)
-    if kind is tuple:
-        if isinstance(value, str):
-            try:
-                value = [int(v) for v in value.split(",") if v.strip()]
-            except ValueError:
-                raise ConfigError(f"config key '{name}' must be integers like 256 or 512,256, got {value!r}") from None
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = [value]
-        if (
-            not isinstance(value, (list, tuple))
-            or not value
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        ):
-            raise ConfigError(f"config key '{name}' must be a non-empty list of integers, got {value!r}")
-        items = tuple(value)
-    elif kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{name}' must be true or false, got {value!r}")
-        return value
-    elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{name}' must be an integer, got {value!r}")
-        items = (value,)
-    elif kind is float:
-        # PyYAML reads 1e-3 (no dot) as a string: accept numeric strings for float keys.
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{name}' must be a number, got {value!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"config key '{name}' must be a finite number, got {value!r}")
-        items = (value,)
-    else:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{name}' must be a string, got {value!r}")
-        choices = meta.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"config key '{name}' must be one of {', '.join(choices)}; got {value!r}")
-        return value
-    for v in items:
-        if "min" in meta and v < meta["min"]:
-            raise ConfigError(f"config key '{name}' must be >= {meta['min']}, got {v!r}")
-        if "min_exclusive" in meta and not v > meta["min_exclusive"]:
-            raise ConfigError(f"config key '{name}' must be > {meta['min_exclusive']}, got {v!r}")
-        if "max" in meta and v > meta["max"]:
-            raise ConfigError(f"config key '{name}' must be <= {meta['max']}, got {v!r}")
-        if "max_exclusive" in meta and not v < meta["max_exclusive"]:
-            raise ConfigError(f"config key '{name}' must be < {meta['max_exclusive']}, got {v!r}")
-    return items if kind is tuple else items[0]
+    for v in value if isinstance(value, tuple) else (value,):
+        for key, holds, sign in _BOUNDS:
+            if key in meta and not holds(v, meta[key]):
+                raise ConfigError(f"config key '{name}' must be {sign} {meta[key]}, got {v!r}")
+    return value
 
 
 def _check_consistency(cfg: Config) -> None:

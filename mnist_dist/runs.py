@@ -1,10 +1,17 @@
-"""Files of a run directory, each written atomically (temporary name, then rename).
+"""The run directory: the name of every file in it, atomic writes, and the run's weights.
 
-A run directory holds ``config.yaml`` (the merged config), ``metrics.json`` and
-``model.safetensors`` (the MLP's state dict). A crash mid-write leaves the previous
-file intact, never a half-written one. ``metrics.json`` records the SHA-256 of the
-weights written (``weights_sha256``): loading a run's weights checks it, so a file that
-changed after training is refused instead of silently used.
+``--output-dir`` holds, by name (all defined here):
+
+- ``config.yaml``: the merged config (defaults < ``--config`` file < options);
+- ``metrics.json``: the final metrics, and ``weights_sha256``, the SHA-256 of the weights
+  written: loading a run's weights checks it, so a file changed since is refused;
+- ``model.safetensors``: the MLP's state dict;
+- ``history.jsonl``: one JSON record per logged step and epoch; ``misclassified.safetensors``;
+- ``curves.png``, ``confusion_matrix.png``, ``misclassified.png``: ``mnist-dist report``;
+- ``doctor.json``: the last preflight's report; ``wandb/``: wandb's files;
+- ``checkpoints/step-NNNNNNNN/``: checkpoints, each with its ``trainer_state.json``.
+
+Every file is written atomically: a crash mid-write leaves the previous file intact.
 """
 
 from __future__ import annotations
@@ -15,15 +22,23 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .errors import MissingFileError, RunDirError, WeightsChangedError, WeightsError
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE = "config.yaml", "metrics.json", "model.safetensors"
+HISTORY_FILE, MISCLASSIFIED_FILE = "history.jsonl", "misclassified.safetensors"
+CURVES_FILE, CONFUSION_FILE, GRID_FILE = "curves.png", "confusion_matrix.png", "misclassified.png"
+DOCTOR_FILE = "doctor.json"
+CHECKPOINTS_DIR, STATE_FILE = "checkpoints", "trainer_state.json"  # STATE_FILE: inside each checkpoint
 
 
-class RunDirError(OSError):
-    """The run directory cannot be used; the message says why and what to do."""
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    """Where a run's checkpoints are."""
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def prepare_run_dir(path: str | os.PathLike) -> Path:
@@ -84,19 +99,15 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class WeightsChangedError(ValueError):
-    """A run's weights file no longer matches the checksum its run recorded."""
-
-
 def weights_file(path: str | os.PathLike) -> Path:
     """The weights a path names: the file itself, or a run directory's ``model.safetensors``."""
     p = Path(path)
     if p.is_dir():
         if not (p / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"run directory {p} has no {WEIGHTS_FILE} (its training has not finished)")
+            raise MissingFileError(f"run directory {p} has no {WEIGHTS_FILE} (its training has not finished)")
         return p / WEIGHTS_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"weights file {p} does not exist (a run writes {WEIGHTS_FILE} in its --output-dir)")
+        raise MissingFileError(f"weights file {p} does not exist (a run writes {WEIGHTS_FILE} in its --output-dir)")
     return p
 
 
@@ -143,4 +154,4 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load(data)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{p} is not a safetensors weights file ({exc})") from None
+        raise WeightsError(f"{p} is not a safetensors weights file ({exc})") from None

@@ -4,7 +4,7 @@
 
 The input is made from an MNIST test digit the way a user's picture looks: dark blue ink
 on cream paper, enlarged, off-centre, with some grain. ``predict_seen.png`` is the 28x28
-output of :func:`mnist_dist.preprocess.preprocess` on that file, enlarged 8x without smoothing.
+output of :func:`mnist_dist.inference.preprocess.preprocess` on that file, enlarged 8x without smoothing.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def wandb_offline():
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Directory holding MNIST/raw/ with the four verified IDX files (fetched if missing)."""
-    from mnist_dist.data import ensure_dataset
+    from mnist_dist.data.sources import ensure_dataset
 
     path = Path(os.environ.get("MNIST_DATA_DIR", REPO / "data"))
     ensure_dataset(path, "mnist")
@@ -37,7 +37,8 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_test(data_dir):
-    from mnist_dist.data import load_split, raw_dir, DATASETS
+    from mnist_dist.data.idx import load_split
+    from mnist_dist.data.sources import DATASETS, raw_dir
 
     return load_split(raw_dir(data_dir, DATASETS["mnist"]), "mnist", "test")
 
@@ -61,26 +62,47 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
 
 
+def launch_command(args: list[str], processes: int = 1) -> list[str]:
+    """``python -m ARGS`` for one process, or ``accelerate launch`` of it with N CPU processes."""
+    if processes == 1:
+        return [sys.executable, "-m", *args]
+    config = str(REPO / "configs/accelerate/cpu.yaml")
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config,
+        "--num_processes",
+        str(processes),
+        "--num_cpu_threads_per_process",
+        "1",
+        "-m",
+        *args,
+    ]
+
+
 def run_cli(args: list[str], processes: int = 1, timeout: float = 300, env: dict | None = None):
     """Run ``python -m ARGS`` in one process, or under ``accelerate launch`` with N CPU processes."""
-    if processes == 1:
-        cmd = [sys.executable, "-m", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "configs/accelerate/cpu.yaml"),
-            "--num_processes",
-            str(processes),
-            "--num_cpu_threads_per_process",
-            "1",
-            "-m",
-            *args,
-        ]
+    cmd = launch_command(args, processes)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def train(out: Path, data_dir, *extra: str, processes: int = 1):
+    """The reference recipe on the CPU into run directory ``out`` (``extra``: more options); the finished process."""
+    args = [
+        "mnist_dist.train",
+        "--config",
+        "configs/train/reference.yaml",
+        "--cpu",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+    return run_cli(args, processes=processes)
 
 
 def read_metrics(path: Path) -> dict:
@@ -93,7 +115,8 @@ def trained_weights(data_dir, tmp_path_factory) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from mnist_dist.data import DATASETS, load_split, raw_dir
+    from mnist_dist.data.idx import load_split
+    from mnist_dist.data.sources import DATASETS, raw_dir
     from mnist_dist.model import MLP
     from mnist_dist.runs import save_weights
 
@@ -119,7 +142,7 @@ def trained_run_dir(trained_weights, mnist_test, tmp_path_factory) -> Path:
 
     import torch
 
-    from mnist_dist.recognize import Recognizer
+    from mnist_dist.inference.recognize import Recognizer
     from mnist_dist.runs import sha256_file
 
     images, labels = mnist_test
@@ -134,3 +157,36 @@ def trained_run_dir(trained_weights, mnist_test, tmp_path_factory) -> Path:
         )
     )
     return run
+
+
+@pytest.fixture
+def saver():
+    """``save(run_dir, step, keep)`` writes a real checkpoint of an MLP with momentum buffers."""
+    import torch
+    from accelerate import Accelerator
+
+    from mnist_dist.config import Config
+    from mnist_dist.model import MLP
+    from mnist_dist.training.checkpoint import save
+
+    def position(step: int) -> dict:
+        return {
+            "progress": {"step": step, "epoch": 0, "batch": step, "train_seconds": 1.0},
+            "world_size": 1,
+            "config": Config().to_dict(),
+            "scheduler": None,
+            "wandb_run_id": None,
+        }
+
+    accelerator = Accelerator(cpu=True)
+    model = MLP(hidden_sizes=(16,))
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+    def save_one(run_dir: Path, step: int, keep: int = 10) -> Path:
+        optimizer.zero_grad()
+        model(torch.rand(4, 28, 28)).sum().backward()
+        optimizer.step()
+        rank = {"interval_loss": 0.25, "interval_steps": 3, "epoch_loss": 1.5, "epoch_steps": 10}
+        return save(accelerator, run_dir, position(step), rank, keep)
+
+    return save_one

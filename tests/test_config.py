@@ -6,13 +6,13 @@ import yaml
 from mnist_dist.config import (
     FIELDS,
     Config,
-    ConfigError,
     build_config,
     effective_lr,
     global_batch_size,
     per_process_batch_size,
     save_config,
 )
+from mnist_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,12 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         ("augment_rotate", -5, "'augment_rotate' must be >= 0"),
         ("lr_schedule", "step", "'lr_schedule' must be one of constant, cosine, linear"),
         ("val_size", -1, "'val_size' must be >= 0"),
+        # Values that would otherwise fail later, inside the job, after the processes have met:
+        ("seed", 2**32, "'seed' must be <= 4294967295"),
+        ("val_size", 60000, "'val_size' must be < 60000"),
+        ("collective_timeout", 10**12, "'collective_timeout' must be <= 604800"),
+        ("rendezvous_timeout", 10**12, "'rendezvous_timeout' must be <= 604800"),
+        ("hidden_sizes", [256, 10**9], "'hidden_sizes' must be <= 65536"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, key, value, message):
@@ -134,7 +140,9 @@ def test_every_field_has_help():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs/train").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_training_configs_load(path):
-    build_config(path)
+    written = yaml.safe_load(path.read_text())
+    loaded = build_config(path).to_dict()
+    assert written and {key: loaded[key] for key in written} == written  # every key taken as written
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)
@@ -163,3 +171,17 @@ def test_docs_config_reference_is_current():
         f"the configuration table in {page.relative_to(REPO)} is stale: replace the lines between its "
         "config-reference markers with the output of mnist_dist.config.markdown_reference()"
     )
+
+
+def test_the_largest_values_allowed_work_where_they_are_used():
+    """The bounds are where the values break: the largest seed seeds every generator, the largest
+    timeout makes a process-group timeout."""
+    from datetime import timedelta
+
+    from accelerate.utils import set_seed
+
+    cfg = build_config(None, {"seed": 2**32 - 1, "collective_timeout": 604800, "rendezvous_timeout": 604800})
+    set_seed(cfg.seed)
+    assert timedelta(seconds=cfg.collective_timeout).total_seconds() == 604800
+    with pytest.raises(ValueError):
+        set_seed(cfg.seed + 1)  # what the bound prevents

@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from mnist_dist.runs import RunDirError, atomic_write_bytes, load_weights, prepare_run_dir, save_weights
+from mnist_dist.errors import RunDirError
+from mnist_dist.runs import atomic_write_bytes, load_weights, prepare_run_dir, save_weights
 
 
 def test_weights_round_trip_as_safetensors(tmp_path):
@@ -75,7 +76,7 @@ def test_a_run_directory_names_its_weights_and_they_are_verified(tmp_path):
 def test_a_changed_byte_in_a_runs_weights_is_refused_but_a_bare_copy_loads(tmp_path):
     import shutil
 
-    from mnist_dist.runs import WeightsChangedError
+    from mnist_dist.errors import WeightsChangedError
 
     _run_with_weights(tmp_path / "run")
     weights = tmp_path / "run/model.safetensors"

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics
 from mnist_dist.runs import load_weights
+
+from conftest import REPO, read_metrics
 from slurm_cluster import wait_until
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slurm]
@@ -194,7 +195,7 @@ def test_launcher_alone_signalled_then_requeued_onto_fewer_nodes(slurm_cluster, 
     assert (job["Restarts"], job["NumNodes"]) == ("1", "1")
     assert "0: stopped by SIGUSR1 at step" in output, output[-3000:]
     stopped_at = int(output.split("0: stopped by SIGUSR1 at step ")[1].split(";")[0])
-    assert f"written by 2 process(es), continuing on 1" in output, output[-3000:]
+    assert "written by 2 process(es), continuing on 1" in output, output[-3000:]
     metrics = read_metrics(run_dir / "metrics.json")
     assert (metrics["world_size"], metrics["steps"]) == (1, STEPS)
     straight = load_weights(multi_node_run[2] / "model.safetensors")

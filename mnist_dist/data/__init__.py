@@ -1,0 +1,1 @@
+"""Datasets: fetched and verified (sources), read (idx), sharded into batches (loaders), augmented."""

@@ -1,0 +1,124 @@
+"""Exact global evaluation: every test image counted once, for any number of processes.
+
+Each process evaluates its ``DistributedSampler`` shard; predictions are gathered to all
+processes and the sampler's padding (repeated samples added so every rank has as many)
+is removed, so the metrics equal those of one process on the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data.loaders import shard_sampler, to_inputs
+from .model import NUM_CLASSES
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Global metrics of one evaluation."""
+
+    correct: int
+    total: int
+    loss: float  # mean cross-entropy over the ``total`` images
+    confusion: torch.Tensor  # (10, 10) int64, rows = true label, columns = prediction
+    predictions: torch.Tensor | None = None  # (total,) predicted class of each image, dataset order
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+    @property
+    def per_class_accuracy(self) -> list[float]:
+        per_class = self.confusion.sum(dim=1).clamp(min=1)
+        return (self.confusion.diag() / per_class).tolist()
+
+    def metrics(self, detailed: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "test_accuracy": self.accuracy,
+            "test_correct": self.correct,
+            "test_total": self.total,
+            "test_loss": self.loss,
+        }
+        if detailed:
+            out["per_class_accuracy"] = self.per_class_accuracy
+            out["confusion_matrix"] = self.confusion.tolist()
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, accelerator) -> EvalResult:
+    """Evaluate ``model`` on ``loader`` (a ``make_loader`` loader) across all processes."""
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    preds, labels_seen, losses, indices = [], [], [], []
+    for images, labels, idx in loader:
+        logits = model(to_inputs(images, device))
+        labels = labels.to(device, non_blocking=True)
+        losses.append(F.cross_entropy(logits.float(), labels, reduction="none"))
+        preds.append(logits.argmax(dim=1))
+        labels_seen.append(labels)
+        indices.append(idx.to(device))
+    model.train(was_training)
+
+    sampler = shard_sampler(loader)
+    n_local = sum(len(i) for i in indices)
+    # Position j of this rank's shard is position j * world + rank of the padded list;
+    # positions past the dataset's end are the sampler's padding.
+    keep = torch.arange(n_local, device=device) * sampler.num_replicas + sampler.rank < len(loader.dataset)
+    local = [torch.cat(t) for t in (preds, labels_seen, losses, indices)] + [keep]
+    pred, label, loss, index, keep = (accelerator.gather(t) for t in local)
+    pred, label, loss, index = pred[keep], label[keep], loss[keep], index[keep]
+
+    total = len(loader.dataset)
+    index, order = torch.sort(index)  # dataset order: the loss sum no longer depends on world size
+    pred, label, loss = pred[order], label[order], loss[order]
+    if not torch.equal(index, torch.arange(total, device=device)):
+        raise RuntimeError(f"evaluation covered {len(index)} images, not each of {total} once")
+    confusion = torch.bincount(label * NUM_CLASSES + pred, minlength=NUM_CLASSES**2)
+    return EvalResult(
+        correct=int((pred == label).sum()),
+        total=total,
+        loss=float(loss.double().mean()),
+        confusion=confusion.reshape(NUM_CLASSES, NUM_CLASSES).cpu(),
+        predictions=pred,
+    )
+
+
+def run_evaluation(cfg, weights: str, output: str | None = None) -> dict[str, Any]:
+    """Evaluate saved weights on the test split (any number of processes); optionally write JSON."""
+    from pathlib import Path
+
+    from .data.loaders import load_datasets, make_loader
+    from .distributed.runtime import build_accelerator, setup_logging
+    from .model import MLP, hidden_sizes_from_state_dict
+    from .runs import load_weights, write_json
+
+    state = load_weights(weights)
+    model = MLP(hidden_sizes_from_state_dict(state))
+    model.load_state_dict(state)
+    accelerator = build_accelerator(cfg)
+    setup_logging(accelerator.is_main_process)
+    _, test_set = load_datasets(cfg, accelerator, splits=("test",))
+    loader = make_loader(
+        test_set,
+        cfg.eval_batch_size,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        shuffle=False,
+        seed=cfg.seed,
+    )
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    result = evaluate(model, loader, accelerator)
+    metrics = {**result.metrics(detailed=True), "world_size": accelerator.num_processes, "weights": str(weights)}
+    if output and accelerator.is_main_process:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(output), metrics)
+    accelerator.print(f"test accuracy: {100 * result.accuracy:.2f}% ({result.correct}/{result.total})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the process group: no rank exits with a collective in flight
+    return metrics

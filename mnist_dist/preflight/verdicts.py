@@ -1,0 +1,311 @@
+"""Verdicts of ``mnist-dist doctor`` over the facts of every rank, and the collectives it measures.
+
+Each function takes the gathered facts (one dict per rank, from ``facts.local_facts``)
+and returns a ``Check`` whose detail, when it is not ok, says what is wrong and the fix.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from .facts import FAIL, MIN_FREE_BYTES, OK, WARN, Check
+
+
+def _where(f: dict[str, Any]) -> str:
+    return f"rank {f['rank']} (node {f['node']})"
+
+
+def _by_node(facts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    nodes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for f in facts:
+        nodes[f["node"]].append(f)
+    return dict(nodes)
+
+
+def versions_agree(facts: list[dict[str, Any]]) -> Check:
+    """The same python and packages on every rank (different ones can hang a collective or differ silently)."""
+    ref = facts[0]["versions"]
+    summary = ", ".join(f"{k} {v}" for k, v in ref.items())
+    diff = [(f, k) for f in facts[1:] for k in ref if f["versions"].get(k) != ref[k]]
+    if not diff:
+        return Check("versions", OK, summary + (" on every rank" if len(facts) > 1 else ""))
+    f, k = diff[0]
+    return Check(
+        "versions",
+        FAIL,
+        f"{_where(f)} has {k} {f['versions'].get(k)}, rank 0 has {ref[k]} "
+        f"({len(diff)} difference(s)); install the same versions on every node",
+    )
+
+
+def devices_seen(facts: list[dict[str, Any]]) -> Check:
+    """What each node has: GPUs (names, bf16, NCCL) or CPUs. Facts only; ``launch_shape`` judges them."""
+    parts = []
+    for node, fs in _by_node(facts).items():
+        d = fs[0]["devices"]
+        if d["gpus"]:
+            names = ", ".join(sorted(set(d["gpu_names"])))
+            parts.append(f"{node}: {d['gpus']} x {names} (bf16 {'yes' if d['bf16'] else 'no'}, NCCL {d['nccl']})")
+        else:
+            parts.append(f"{node}: no GPU, {d['cpus']} CPU(s)")
+    return Check("devices", OK, "; ".join(parts))
+
+
+def launch_shape(facts: list[dict[str, Any]]) -> Check:
+    """Processes per node against the node's GPUs (or CPUs); every rank on the same kind of device."""
+    kinds = {f["devices"]["uses"] for f in facts}
+    if len(kinds) > 1:
+        cpu_rank = next(f for f in facts if f["devices"]["uses"] == "cpu")
+        return Check(
+            "launch shape",
+            FAIL,
+            f"{_where(cpu_rank)} would train on the CPU while others use GPUs (they "
+            "would not find each other); give every node GPUs, or pass --cpu",
+        )
+    warnings, parts = [], []
+    for node, fs in _by_node(facts).items():
+        d, procs = fs[0]["devices"], max(f["procs_per_node"] for f in fs)
+        if d["uses"] == "cuda":
+            parts.append(f"{node}: {procs} process(es) for {d['gpus']} GPU(s)")
+            if procs > d["gpus"]:
+                return Check(
+                    "launch shape",
+                    FAIL,
+                    f"node {node}: {procs} processes for {d['gpus']} GPU(s) would "
+                    f"share a GPU; launch {d['gpus']} per node (PROCS_PER_NODE, "
+                    "--num_processes)",
+                )
+            if procs < d["gpus"]:
+                warnings.append(
+                    f"node {node} uses {procs} of its {d['gpus']} GPUs; launch {d['gpus']} processes "
+                    "per node (PROCS_PER_NODE, --num_processes) to use them all"
+                )
+        else:
+            threads = fs[0]["devices"]["threads"]
+            parts.append(f"{node}: {procs} CPU process(es) x {threads} thread(s) on {d['cpus']} CPU(s)")
+            if procs * threads > d["cpus"]:
+                warnings.append(
+                    f"node {node}: {procs} process(es) x {threads} threads on {d['cpus']} CPUs is "
+                    f"oversubscribed (slower); set OMP_NUM_THREADS={max(1, d['cpus'] // procs)}"
+                )
+    if warnings:
+        return Check("launch shape", WARN, "; ".join(warnings))
+    return Check("launch shape", OK, "; ".join(parts))
+
+
+def slurm_allocation(facts: list[dict[str, Any]]) -> Check:
+    """The allocation every node sees against where the processes run."""
+    s0 = facts[0]["slurm"]
+    if s0 is None:
+        return Check("slurm", OK, "not in a SLURM job")
+    nodes = sorted({f["node"] for f in facts})
+    jobs = {f["slurm"]["job_id"] for f in facts if f["slurm"]}
+    if len(jobs) > 1 or any(f["slurm"] is None for f in facts):
+        return Check(
+            "slurm",
+            FAIL,
+            f"the processes belong to different SLURM jobs ({', '.join(sorted(jobs))}); "
+            "start every node from one job (srun inside sbatch)",
+        )
+    if int(s0["nnodes"]) != len(nodes):
+        return Check(
+            "slurm",
+            FAIL,
+            f"job {s0['job_id']} has {s0['nnodes']} node(s), the processes run on "
+            f"{len(nodes)} ({', '.join(nodes)}); launch one task per node "
+            "(srun --ntasks-per-node=1), as launch/multi_node.sbatch does",
+        )
+    for node, fs in _by_node(facts).items():
+        s, d = fs[0]["slurm"], fs[0]["devices"]
+        if s["gpus_on_node"] and int(s["gpus_on_node"]) != d["gpus"]:
+            return Check(
+                "slurm",
+                WARN,
+                f"node {node}: SLURM allocated {s['gpus_on_node']} GPU(s), {d['gpus']} are "
+                "visible; check CUDA_VISIBLE_DEVICES and --gpus-per-node",
+            )
+    ids = ",".join(str(f["slurm"]["nodeid"]) for f in facts if f["local_rank"] == 0)
+    settings = ", ".join(f"{k} {s0.get(k)}" for k in ("requeue", "signal", "time_limit") if k in s0)
+    return Check(
+        "slurm",
+        OK,
+        f"job {s0['job_id']}: {s0['nnodes']} node(s) ({s0['job_nodelist']}), node ids {ids}, "
+        f"GPUs per node {s0['gpus_on_node'] or 0}" + (f"; {settings}" if settings else ""),
+    )
+
+
+def run_directory(facts: list[dict[str, Any]], output_dir: str) -> list[Check]:
+    """Writable by every rank, the same directory on every node, and room for checkpoints."""
+    bad = [f for f in facts if not f["run_dir"]["writable"]]
+    if bad:
+        return [Check("run directory", FAIL, f"{_where(bad[0])}: {bad[0]['run_dir']['error']}")]
+    unseen = [f for f in facts if not f["sees_token"]]
+    nodes = len(_by_node(facts))
+    if unseen:
+        shared = Check(
+            "run directory",
+            FAIL,
+            f"{_where(unseen[0])} does not see the file rank 0 wrote in "
+            f"{output_dir}: it is not the same directory on every node (a node-local "
+            "disk?); put --output-dir on a filesystem every node mounts",
+        )
+    else:
+        same = f", the same on all {nodes} nodes" if nodes > 1 else ""
+        shared = Check("run directory", OK, f"{output_dir} writable{same}")
+    least = min(facts, key=lambda f: f["run_dir"]["free_bytes"])
+    free = least["run_dir"]["free_bytes"]
+    status, fix = (
+        (OK, "")
+        if free >= MIN_FREE_BYTES
+        else (FAIL, f"; free at least {MIN_FREE_BYTES >> 20} MB for checkpoints, or choose another --output-dir")
+    )
+    detail = f"{free / 2**30:.1f} GB free in {output_dir} (least: node {least['node']}){fix}"
+    return [shared, Check("disk", status, detail)]
+
+
+def data_present(facts: list[dict[str, Any]], data_dir: str, dataset: str) -> Check:
+    """Every file verified on every node (facts of each node's local rank 0)."""
+    from ..data.sources import DATASETS, fix_command
+
+    for f in facts:
+        data = f["data"]
+        if data is None:
+            continue
+        if data["corrupt"]:
+            return Check(
+                "data",
+                FAIL,
+                f"node {f['node']}: {data['corrupt'][0]}; re-fetch it with: {fix_command(data_dir, DATASETS[dataset])}",
+            )
+        if data["missing"]:
+            return Check(
+                "data",
+                FAIL,
+                f"node {f['node']}: {dataset} is missing in {data['raw_dir']} "
+                f"({len(data['missing'])} of 4 files); fetch it first, where there is internet: "
+                f"mnist-dist data download --dataset {dataset} --data-dir {data_dir}",
+            )
+    return Check(
+        "data",
+        OK,
+        f"{dataset} verified (sizes and md5s) in {facts[0]['data']['raw_dir']}"
+        + (" on every node" if len(_by_node(facts)) > 1 else ""),
+    )
+
+
+# -- collectives ---------------------------------------------------------------------------------
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    for _ in range(3):  # warm-up: connections, allocations
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_seconds(hidden_sizes, batch: int, device, sync) -> float:
+    """Median time of one training step of the model (forward, backward, SGD) at ``batch`` on this process."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..model import MLP
+
+    model = MLP(hidden_sizes).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.rand(batch, 784, device=device), torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return _median_seconds(step, 20, sync)
+
+
+def _exchange_is_correct(accelerator) -> Check | None:
+    """A real all-reduce and all-gather: None if they return the right values, else the failure."""
+    import torch
+
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    total = accelerator.reduce(torch.tensor([rank + 1.0], device=device), reduction="sum").item()
+    ranks = accelerator.gather(torch.tensor([rank], device=device)).tolist()
+    if total == world * (world + 1) / 2 and ranks == list(range(world)):
+        return None
+    return Check(
+        "collectives",
+        FAIL,
+        f"all-reduce gave {total:g} (expected {world * (world + 1) // 2}) and "
+        f"all-gather {ranks}: the {torch.distributed.get_backend()} backend is broken; check the "
+        "network interface (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)",
+    )
+
+
+def _timings(accelerator, hidden_sizes, global_batch: int) -> dict[str, Any]:
+    """Latency and gradient-size all-reduce time, and one step's compute alone and shared (seconds)."""
+    import torch
+
+    from ..model import MLP
+
+    world, device = accelerator.num_processes, accelerator.device
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    numel = sum(p.numel() for p in MLP(hidden_sizes).parameters())
+    one, grad = torch.ones(1, device=device), torch.ones(numel, device=device)
+    return {
+        "numel": numel,
+        "latency": _median_seconds(lambda: accelerator.reduce(one, reduction="sum"), 20, sync),
+        "allreduce": _median_seconds(lambda: accelerator.reduce(grad, reduction="sum"), 10, sync),
+        "alone": step_seconds(hidden_sizes, global_batch, device, sync),
+        "shared": step_seconds(hidden_sizes, max(1, global_batch // world), device, sync),
+    }
+
+
+def collectives(accelerator, hidden_sizes, global_batch: int) -> tuple[Check, dict[str, Any]]:
+    """A real all-reduce and all-gather (right values?), their latency, and the bandwidth at the
+    model's gradient size, against one step's compute: whether N processes beat one."""
+    import torch
+
+    world = accelerator.num_processes
+    if world == 1:
+        return Check("collectives", OK, "one process: nothing to exchange"), {"world_size": 1}
+    failed = _exchange_is_correct(accelerator)
+    if failed:
+        return failed, {"world_size": world}
+    t = _timings(accelerator, hidden_sizes, global_batch)
+    bus = 2 * (world - 1) / world * t["numel"] * 4 / t["allreduce"]  # bytes/s each link carries in a ring
+    speedup = t["alone"] / (t["shared"] + t["allreduce"])
+    figures = {
+        "world_size": world,
+        "backend": torch.distributed.get_backend(),
+        "gradient_floats": t["numel"],
+        "latency_ms": 1e3 * t["latency"],
+        "allreduce_ms": 1e3 * t["allreduce"],
+        "bus_gb_per_s": bus / 1e9,
+        "step_ms_one_process": 1e3 * t["alone"],
+        "step_ms_per_process": 1e3 * t["shared"],
+        "estimated_speedup": speedup,
+    }
+    verdict = "faster than one" if speedup > 1 else "slower than one: communication outweighs compute"
+    return Check(
+        "collectives",
+        OK,
+        (
+            f"all-reduce and all-gather correct ({figures['backend']}); latency {figures['latency_ms']:.2f} ms; "
+            f"gradient ({t['numel']:,} floats) all-reduce {figures['allreduce_ms']:.2f} ms ({bus / 1e9:.2f} GB/s bus); "
+            f"a step computes in {figures['step_ms_per_process']:.2f} ms per process vs "
+            f"{figures['step_ms_one_process']:.2f} ms on one: {world} processes ~{speedup:.2f}x one ({verdict})"
+        ),
+    ), figures

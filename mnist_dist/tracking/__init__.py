@@ -1,0 +1,1 @@
+"""What a run records: wandb and the history file (tracker, history), and its pictures (pictures, report)."""

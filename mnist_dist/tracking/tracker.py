@@ -1,0 +1,361 @@
+"""What a run records: Weights & Biases through Accelerate's trackers, and the run's own history file.
+
+``RUN_DIR/history.jsonl`` is written by the main process whatever the tracker: one JSON
+object a line (``kind`` config, resume, step, epoch or summary), the source of ``mnist-dist
+report``. ``RUN_DIR/misclassified.safetensors`` keeps the first misclassified test digits.
+
+A resumed run reads as one run: the history is cut back to the checkpoint's step (what a
+crashed timeline logged after it is dropped, then logged again), and the same wandb run
+goes on, rewound to that step when it had gone past it (wandb's ``resume_from``).
+
+wandb is imported only when the tracker is wandb, and only the main process talks to it.
+It must never stop training: a failure becomes one warning and tracking goes on in
+the history file alone. Without credentials the run is logged offline, for ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import netrc
+import os
+import platform
+import secrets
+import string
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+
+from ..runs import HISTORY_FILE, MISCLASSIFIED_FILE, atomic_write_bytes
+from .history import last_logged_step, one_timeline, read_history, rewind
+
+log = logging.getLogger("mnist_dist")
+
+MAX_MISCLASSIFIED = 64
+# Bounds on wandb's waits, so an unreachable server costs at most this much (seconds).
+# WANDB_INIT_TIMEOUT / WANDB_FINISH_TIMEOUT in the environment take precedence.
+INIT_TIMEOUT, FINISH_TIMEOUT = 60.0, 60.0
+# The main process waits for wandb's start at most its init timeout plus this (import, service start).
+START_MARGIN = 30.0
+
+
+def wandb_installed() -> bool:
+    """Whether Accelerate will offer its wandb tracker (checked without importing wandb)."""
+    from accelerate.utils import is_wandb_available
+
+    return bool(is_wandb_available())
+
+
+def accelerator_log_with(tracker: str) -> str | None:
+    """``log_with`` for the Accelerator: "wandb" if asked for and installed, else None."""
+    return "wandb" if tracker == "wandb" and wandb_installed() else None
+
+
+def has_wandb_credentials() -> bool:
+    """An API key, identity token or netrc entry for the wandb server is there (no network)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    path = os.environ.get("NETRC") or Path.home() / ".netrc"
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def default_group(run_dir: Path) -> str:
+    """One group for every rank and every requeued restart of a job."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm-{job}" if job else run_dir.resolve().name
+
+
+def run_config(cfg, accelerator) -> dict[str, Any]:
+    """The merged config plus what the run ran on: world size, device, library versions."""
+    versions = {"python": platform.python_version()}
+    for dist in ("mnist-dist", "torch", "accelerate", "wandb"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {
+        **cfg.to_dict(),
+        "world_size": accelerator.num_processes,
+        "device": accelerator.device.type,
+        "versions": versions,
+    }
+
+
+def new_run_id() -> str:
+    """A fresh wandb run id (8 lowercase letters and digits, as wandb makes them), without importing wandb."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def misclassified_examples(
+    predictions: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, limit: int = MAX_MISCLASSIFIED
+) -> dict[str, torch.Tensor]:
+    """The first ``limit`` wrongly predicted images (dataset order), on the CPU."""
+    index = (predictions != labels).nonzero().flatten()[:limit]
+    return {
+        "images": images[index].cpu(),
+        "predicted": predictions[index].cpu(),
+        "label": labels[index].cpu(),
+        "index": index.cpu(),
+    }
+
+
+class Tracker:
+    """Records a run. Call on every rank; only the main process writes or talks to wandb."""
+
+    def __init__(self, cfg, accelerator, run_dir: Path) -> None:
+        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, Path(run_dir)
+        self.is_main = accelerator.is_main_process
+        self.wandb_on = False
+        self.wandb_id: str | None = None  # the wandb run this run logs to (main process)
+        self._wandb_how = "new"  # new, resume (continue it) or rewind (to _last_step, then continue)
+        self._history = None
+        self._starting: threading.Thread | None = None
+        self._start_error: Exception | None = None
+        self._start_lock = threading.Lock()
+        self._abandoned = False
+        self._last_step = 0
+        self._start = time.time()
+
+    def start(
+        self, config: dict[str, Any], resumed: dict[str, Any] | None = None, checkpoint: Path | None = None
+    ) -> None:
+        """Open the history file and start wandb if asked for.
+
+        A fresh run starts the history afresh. A run resumed from ``checkpoint`` (``resumed``:
+        its trainer state) keeps the history up to the checkpoint's step and continues the
+        checkpoint's wandb run, rewinding it if a lost timeline had logged past that step.
+        """
+        if not self.is_main:
+            return
+        path = self.run_dir / HISTORY_FILE
+        previous = read_history(path)
+        self._last_step = resumed["progress"]["step"] if resumed else 0
+        self.wandb_id, self._wandb_how = self._wandb_run(resumed, previous, checkpoint)
+        kept = rewind(one_timeline(previous), self._last_step) if resumed else []
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self._history = open(path, "a", encoding="utf-8")
+        if resumed:
+            self._write({"kind": "resume", "step": self._last_step})
+        self._write({"kind": "config", "config": config, "wandb_run_id": self.wandb_id})
+        if self.cfg.tracker != "wandb":
+            return
+        if not wandb_installed():
+            log.warning("tracker 'wandb': the wandb package is not installed; continuing with tracker 'none'")
+            return
+        # wandb's import and start (about a second, most of it waiting for its service
+        # process) overlap the data loading and model set-up; ``started()`` waits for them.
+        self._starting = threading.Thread(target=self._start_wandb, args=(config,), name="wandb-start", daemon=True)
+        self._starting.start()
+
+    def _wandb_run(
+        self, resumed: dict[str, Any] | None, previous: list[dict[str, Any]], checkpoint: Path | None
+    ) -> tuple[str | None, str]:
+        """``(wandb run id, how to start it)``: the checkpoint's run, the run of an attempt that
+        died before its first checkpoint (same command again), or a new one."""
+        if self.cfg.tracker != "wandb":
+            return None, "new"
+        at = self._last_step
+        if resumed and resumed.get("wandb_run_id"):
+            histories = [previous]
+            if checkpoint is not None and Path(checkpoint).resolve().parents[1] != self.run_dir.resolve():
+                histories.append(read_history(Path(checkpoint).parents[1] / HISTORY_FILE))  # resumed from elsewhere
+            logged = max(last_logged_step(h) for h in histories)
+            return resumed["wandb_run_id"], "rewind" if logged > at else "resume"
+        earlier = [r for r in previous if r.get("kind") == "config" and r.get("wandb_run_id")]
+        unfinished = not any(r.get("kind") == "summary" for r in previous)
+        if not resumed and self.cfg.resume == "auto" and earlier and unfinished:
+            return earlier[-1]["wandb_run_id"], "rewind" if last_logged_step(previous) > 0 else "resume"
+        return new_run_id(), "new"
+
+    def _start_wandb(self, config: dict[str, Any]) -> None:
+        try:
+            init_kwargs = self._init_kwargs()
+            try:
+                self.accelerator.init_trackers(
+                    self.cfg.wandb_project, config=config, init_kwargs={"wandb": init_kwargs}
+                )
+            except Exception as exc:
+                if "resume_from" not in init_kwargs:
+                    raise
+                # Rewinding is a newer wandb feature, not on every server or account: continue the run instead.
+                log.warning(
+                    "wandb could not rewind run %s to step %d (%s); continuing it instead: wandb keeps "
+                    "what it got past that step and ignores the repeated steps until they pass it",
+                    self.wandb_id,
+                    self._last_step,
+                    str(exc).strip().splitlines()[0] if str(exc) else exc,
+                )
+                init_kwargs = {k: v for k, v in init_kwargs.items() if k != "resume_from"}
+                self.accelerator.init_trackers(
+                    self.cfg.wandb_project,
+                    config=config,
+                    init_kwargs={"wandb": {**init_kwargs, "id": self.wandb_id, "resume": "allow"}},
+                )
+        except Exception as exc:  # wandb must never stop training
+            self._start_error = exc
+        with self._start_lock:
+            if self._abandoned:  # too late: training went on without it
+                self._drop_wandb()
+
+    def started(self) -> None:
+        """Wait until wandb has started (or failed to: one warning), at most its init timeout plus
+        START_MARGIN. Every use of wandb calls this first; the training loop calls it before its first step."""
+        if self._starting is None:
+            return
+        wait = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT)) + START_MARGIN
+        self._starting.join(wait)
+        with self._start_lock:
+            self._abandoned = self._starting.is_alive()
+        self._starting = None
+        if self._abandoned:
+            log.warning(
+                "wandb did not start within %.0f s; training goes on without it, the history is in %s",
+                wait,
+                self.run_dir / HISTORY_FILE,
+            )
+            return
+        if self._start_error is not None:
+            self._fail("start", self._start_error)
+            self._start_error = None
+            return
+        self.wandb_on = any(t.name == "wandb" for t in self.accelerator.trackers)
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        import wandb
+
+        wandb_dir = Path(self.cfg.wandb_dir) if self.cfg.wandb_dir else self.run_dir
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        settings: dict[str, Any] = {}
+        # login_timeout bounds the API key prompt wandb shows on a terminal when online is forced without one.
+        for key, seconds in (
+            ("init_timeout", INIT_TIMEOUT),
+            ("login_timeout", INIT_TIMEOUT),
+            ("finish_timeout", FINISH_TIMEOUT),
+        ):
+            if f"WANDB_{key.upper()}" not in os.environ:
+                settings[key] = seconds
+        kwargs: dict[str, Any] = {
+            "dir": str(wandb_dir),
+            "entity": self.cfg.wandb_entity,
+            "name": self.cfg.wandb_run_name,
+            "group": self.cfg.wandb_group or default_group(self.run_dir),
+            "tags": list(self.cfg.wandb_tags),
+        }
+        if self._wandb_how == "rewind":  # the run had gone past this step: cut it back, then go on
+            kwargs["resume_from"] = f"{self.wandb_id}?_step={self._last_step}"
+        else:
+            kwargs["id"] = self.wandb_id
+            if self._wandb_how == "resume":
+                kwargs["resume"] = "allow"
+        if not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_DISABLED")) and not has_wandb_credentials():
+            kwargs["mode"] = "offline"
+            settings["silent"] = True  # the line below says it all, once
+            log.info(
+                "wandb: no credentials (WANDB_API_KEY or ~/.netrc), logging offline; upload later with: wandb sync %s",
+                wandb_dir / "wandb" / "offline-run-*",
+            )
+        kwargs["settings"] = wandb.Settings(**settings)
+        return kwargs
+
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run's id (main process, tracker wandb), kept in checkpoints to continue the run."""
+        return self.wandb_id
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Training metrics at optimizer step ``step`` (main process only)."""
+        self._log("step", step, metrics)
+
+    def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
+        """End-of-epoch metrics, at the step the epoch ended on (main process only)."""
+        self._log("epoch", step, metrics)
+
+    def finish(self, summary: dict[str, Any], confusion: torch.Tensor, examples: dict[str, torch.Tensor]) -> None:
+        """Final metrics, confusion matrix and misclassified digits: to the run directory and wandb."""
+        if not self.is_main:
+            return
+        self.started()
+        import safetensors.torch
+
+        self._write({"kind": "summary", "step": self._last_step, **summary, "confusion_matrix": confusion.tolist()})
+        self._history.close()
+        tensors = {k: v.contiguous() for k, v in examples.items()}
+        atomic_write_bytes(self.run_dir / MISCLASSIFIED_FILE, safetensors.torch.save(tensors))
+        if not self.wandb_on:
+            return
+        try:
+            import wandb
+
+            from .pictures import misclassified_grid
+
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.summary.update(summary)
+            n = len(confusion)  # wandb's chart wants one (true, predicted) pair per image
+            cells = torch.arange(n * n).repeat_interleave(confusion.flatten())
+            grid = misclassified_grid(examples["images"], examples["predicted"], examples["label"])
+            self.accelerator.log(
+                {
+                    "test/confusion_matrix": wandb.plot.confusion_matrix(
+                        y_true=(cells // n).tolist(), preds=(cells % n).tolist(), class_names=[str(c) for c in range(n)]
+                    ),
+                    "test/misclassified": wandb.Image(grid, caption="predicted / true label"),
+                },
+                step=self._last_step,
+            )
+        except Exception as exc:
+            self._fail("log the final results", exc)
+
+    def end(self) -> None:
+        """Close the trackers (wandb waits at most FINISH_TIMEOUT to upload). Every rank calls this last."""
+        self.started()
+        try:
+            self.accelerator.end_training()
+        except Exception as exc:
+            if not self.wandb_on:
+                raise
+            self._fail("finish", exc)
+            self.accelerator.end_training()  # the tracker is dropped: this only ends the process group
+
+    def _log(self, kind: str, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        step = max(step, self._last_step)  # wandb drops a step lower than the last one
+        self._last_step = step
+        self._write({"kind": kind, "step": step, **metrics})
+        self.started()
+        if self.wandb_on:
+            try:
+                self.accelerator.log(metrics, step=step)
+            except Exception as exc:
+                self._fail("log", exc)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        record["time"] = round(time.time() - self._start, 3)
+        self._history.write(json.dumps(record) + "\n")
+        self._history.flush()  # a crashed run keeps its history up to the last line
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        log.warning(
+            "wandb failed to %s (%s: %s); training goes on, the history is in %s",
+            what,
+            type(exc).__name__,
+            first_line,
+            self.run_dir / HISTORY_FILE,
+        )
+        self.wandb_on = False
+        self._drop_wandb()
+
+    def _drop_wandb(self) -> None:
+        # Drop the tracker so Accelerate's end_training does not call into a broken run.
+        self.accelerator.trackers[:] = [t for t in self.accelerator.trackers if t.name != "wandb"]

@@ -1,0 +1,220 @@
+"""Which checkpoint a run continues from, whether it may, and loading it on any number of processes.
+
+``auto`` takes the newest usable checkpoint of the run directory; ``PATH`` a given one,
+unless the run directory has a newer one of its own (a job never goes backwards); ``none``
+a fresh start. A checkpoint may continue with another number of processes in
+``batch_mode: global`` (the global batches and the learning rate do not depend on it),
+never with a config that changes the training mathematics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, per_process_batch_size
+from ..errors import CheckpointError, ConfigError
+from ..runs import CHECKPOINTS_DIR, checkpoints_dir
+from .integrity import complete_checkpoints, inspect, read_state, scan, step_of
+
+log = logging.getLogger("mnist_dist")
+
+# Config keys a resumed run may change: where files go, what is logged, how often to
+# checkpoint, how evaluation is batched. Every other key changes the training mathematics.
+FREE_TO_CHANGE = frozenset(
+    {
+        "data_dir",
+        "output_dir",
+        "resume",
+        "requeue",
+        "checkpoint_every",
+        "checkpoint_every_epochs",
+        "keep_checkpoints",
+        "log_every",
+        "collective_timeout",
+        "rendezvous_timeout",
+        "eval_batch_size",
+        "check_finite",
+        "cpu",
+        "tracker",
+        "wandb_project",
+        "wandb_entity",
+        "wandb_run_name",
+        "wandb_tags",
+        "wandb_group",
+        "wandb_dir",
+    }
+)
+# With a constant learning rate the run's length does not change any step already taken.
+LENGTH_KEYS = frozenset({"epochs", "max_steps"})
+
+
+def _newest_of_run(run_dir: Path, what: str) -> Path | None:
+    existing = complete_checkpoints(run_dir)
+    if not existing and scan(run_dir):
+        log.warning("%s holds checkpoints but none is usable (see above): %s", run_dir, what)
+    return existing[-1] if existing else None
+
+
+def _requested(resume: str) -> Path:
+    """The checkpoint ``--resume PATH`` names: a checkpoint, or the newest usable one of a run directory."""
+    path = Path(resume)
+    if (path / CHECKPOINTS_DIR).is_dir():
+        newest = _newest_of_run(path, "nothing to resume")
+        if newest is None:
+            raise CheckpointError(f"--resume {path}: that run directory has no usable checkpoint")
+        return newest
+    if not path.is_dir():
+        raise CheckpointError(
+            f"--resume {path}: no such checkpoint directory; pass a checkpoint "
+            f"(RUN_DIR/{CHECKPOINTS_DIR}/step-N), a run directory, 'auto' or 'none'"
+        )
+    verdict = inspect(path)
+    if not verdict.ok:
+        raise CheckpointError(
+            f"--resume {path}: this checkpoint cannot be used: {verdict.problem}; "
+            "resume from an earlier checkpoint or run directory instead"
+        )
+    return path
+
+
+def resolve(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from, or None for a fresh start.
+
+    ``auto``: the newest usable checkpoint of ``run_dir``. ``PATH``: that checkpoint, unless
+    ``run_dir`` holds a newer one (a requeued job, or the same command run again): a job
+    never goes backwards. ``none``: a fresh start, refused if ``run_dir`` has checkpoints.
+    """
+    if cfg.resume == "none":
+        existing = complete_checkpoints(run_dir)
+        if existing:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints of a run (newest: {existing[-1].name}) and resume is 'none'; "
+                f"continue that run with --resume auto, or start afresh in another --output-dir "
+                f"(or delete {checkpoints_dir(run_dir)})"
+            )
+        return None
+    own = _newest_of_run(run_dir, "starting afresh" if cfg.resume == "auto" else "using --resume")
+    chosen = own
+    if cfg.resume != "auto":
+        chosen = _requested(cfg.resume)
+        if own is not None and own.resolve() != chosen.resolve() and step_of(own) >= step_of(chosen):
+            log.info(
+                "%s holds a newer checkpoint (step %d) than --resume %s (step %d): continuing from it",
+                run_dir,
+                step_of(own),
+                cfg.resume,
+                step_of(chosen),
+            )
+            chosen = own
+    if chosen is not None and inspect(chosen).size_only:
+        log.info("note: checkpoint %s was written before checksums; it could only be checked by size", chosen)
+    return chosen
+
+
+def resolve_on_main(accelerator, cfg: Config, run_dir: Path) -> Path | None:
+    """``resolve`` on the main process only (one set of warnings, one verdict), shared with every rank."""
+    answer: list[str | None] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            found = resolve(cfg, run_dir)
+            answer = [None if found is None else str(found), None]
+        except CheckpointError as exc:
+            answer = [None, str(exc)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(answer)
+    if answer[1] is not None:
+        raise CheckpointError(answer[1])
+    return None if answer[0] is None else Path(answer[0])
+
+
+def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, path: Path) -> str | None:
+    """Refuse a checkpoint whose run would continue with different mathematics.
+
+    Returns a line to show when the number of processes changes (allowed in ``batch_mode:
+    global``, where the global batches and the learning rate do not depend on it).
+    """
+    note = None
+    written = state["world_size"]
+    if written != world_size:
+        if cfg.batch_mode != "global":
+            raise CheckpointError(
+                f"checkpoint {path} was written by {written} process(es) in batch_mode 'per_device'; on {world_size} "
+                f"the global batch would change ({cfg.batch_size * written} -> {cfg.batch_size * world_size}); "
+                f"resume with {written} (e.g. accelerate launch --num_processes {written}), or start afresh"
+            )
+        try:
+            per_process_batch_size(cfg, world_size)
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {path} cannot continue on {world_size} processes: {exc}") from None
+        note = f"checkpoint {path.name} was written by {written} process(es), continuing on {world_size}"
+    saved, now = state["config"], cfg.to_dict()
+    free = FREE_TO_CHANGE
+    if now["lr_schedule"] == "constant" and now["warmup_fraction"] == 0:
+        free = free | LENGTH_KEYS
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in free and saved.get(k) != now[k]]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path} was written with a different config ({'; '.join(changed)}), which would change "
+            "the training mathematics; resume with the checkpoint's values, or start afresh in another --output-dir"
+        )
+    at = state["progress"]
+    if at["epoch"] > cfg.epochs or (cfg.max_steps is not None and at["step"] > cfg.max_steps):
+        raise CheckpointError(
+            f"checkpoint {path} is at epoch {at['epoch']}, step {at['step']}: beyond this run's "
+            f"epochs ({cfg.epochs}) / max_steps ({cfg.max_steps})"
+        )
+    return note
+
+
+def _mean_rank_state(path: Path, written: int) -> dict[str, Any]:
+    """Running loss sums for a rank of a run with another number of processes.
+
+    The logged loss is the mean over ranks of each rank's sum; giving every new rank the
+    mean of the old ranks' sums keeps that mean.
+    """
+    parts = [json.loads((path / f"rank-{r}.json").read_text()) for r in range(written)]
+    out = dict(parts[0])
+    for key in ("interval_loss", "epoch_loss"):
+        out[key] = sum(p[key] for p in parts) / written
+    return out
+
+
+def _load_rng_of(path: Path, rank: int) -> None:
+    """Take rank ``rank``'s saved CPU RNG states (for a rank the checkpoint had no state for).
+
+    Training draws nothing from these generators (shuffling and augmentation are seeded by
+    seed and epoch), so any rank's state serves; CUDA states are left as they are, since the
+    device count may differ.
+    """
+    import random
+
+    import numpy as np
+    import torch
+    from accelerate.utils import load
+
+    states = load(path / f"random_states_{rank}.pkl")
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+
+
+def load(accelerator, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load model, optimizer and RNG states from ``path`` into the prepared objects; return
+    ``(trainer state, this rank's state)``. Works on another number of processes than the
+    checkpoint's (ranks are mapped onto the saved ones)."""
+    verdict = inspect(path)
+    if not verdict.ok:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {verdict.problem}")
+    accelerator.load_state(str(path))
+    state = read_state(path)
+    written, rank = state["world_size"], accelerator.process_index
+    if written == accelerator.num_processes:
+        return state, json.loads((path / f"rank-{rank}.json").read_text())
+    if rank >= written:
+        _load_rng_of(path, rank % written)
+    return state, _mean_rank_state(path, written)

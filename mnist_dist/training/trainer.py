@@ -1,0 +1,335 @@
+"""The training loop: one rank's part of a run, over objects that are already built.
+
+In ``batch_mode: global`` every process takes ``batch_size / world_size`` samples of each
+global batch and the gradients are averaged, so N processes follow the mathematics of
+one. Each level is one method: ``train_step`` (one optimizer step), ``_train_epoch`` (the
+steps of an epoch, with the log intervals), ``_epoch`` (train, evaluate, log, checkpoint),
+``fit`` (the run).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.loaders import shard_sampler
+from ..errors import Stopped
+from ..evaluation import EvalResult, evaluate
+from ..tracking.tracker import misclassified_examples
+from .build import Parts
+from .checkpoint import Checkpointer
+from .preempt import StopFlags
+from .progress import ProgressDisplay
+from .resume import load
+from .step import check_gradients, step_calls
+
+log = logging.getLogger("mnist_dist")
+
+
+@dataclass
+class Progress:
+    """Where training is: optimizer steps and epochs done, batches done in the current
+    epoch, time spent in training steps."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    train_seconds: float = 0.0
+
+
+class LossMeter:
+    """Running sums of the training loss, kept on the device (no host sync until a log interval):
+    one for the current log interval, one for the epoch so far."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.interval, self.epoch = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.interval_steps = self.epoch_steps = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.interval += loss.detach()
+        self.interval_steps += 1
+
+    def interval_mean(self) -> torch.Tensor:
+        return self.interval / self.interval_steps
+
+    def end_interval(self) -> None:
+        """Fold the interval into the epoch's sums and start a new interval."""
+        self.epoch += self.interval
+        self.epoch_steps += self.interval_steps
+        self.interval.zero_()
+        self.interval_steps = 0
+
+    def end_epoch(self) -> torch.Tensor:
+        """The epoch's mean loss (this rank's); all sums start again at zero."""
+        self.end_interval()
+        mean = self.epoch / max(self.epoch_steps, 1)
+        self.epoch.zero_()
+        self.epoch_steps = 0
+        return mean
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "interval_loss": self.interval.item(),
+            "interval_steps": self.interval_steps,
+            "epoch_loss": self.epoch.item(),
+            "epoch_steps": self.epoch_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.interval.fill_(state["interval_loss"])
+        self.epoch.fill_(state["epoch_loss"])
+        self.interval_steps, self.epoch_steps = state["interval_steps"], state["epoch_steps"]
+
+
+class Stopwatch:
+    """Time spent training (``progress.train_seconds``): running during an epoch's steps, not
+    while a checkpoint is written or the model evaluated."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self._since = progress, None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.progress.train_seconds += time.perf_counter() - self._since
+            self._since = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        running = self._since is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
+
+
+class Trainer:
+    """Trains ``parts`` on this rank: steps, evaluation after every epoch, checkpoints, stopping.
+
+    Build it on every rank; ``restore`` a checkpoint if resuming; ``fit`` trains to the end
+    or raises ``Stopped`` (after saving a checkpoint) when the ranks agreed to stop.
+    """
+
+    def __init__(self, cfg, parts: Parts, accelerator, tracker, checkpointer: Checkpointer, stop: StopFlags) -> None:
+        self.cfg, self.parts, self.accelerator = cfg, parts, accelerator
+        self.tracker, self.checkpointer, self.stop = tracker, checkpointer, stop
+        self.model, self.optimizer, self.recipe = parts.model, parts.optimizer, parts.recipe
+        self.world = accelerator.num_processes
+        self.progress = Progress()
+        self.losses = LossMeter(accelerator.device)
+        self.clock = Stopwatch(self.progress)
+        self.display = ProgressDisplay(accelerator.is_main_process, parts.global_batch)
+        self._calls = step_calls(self.optimizer, accelerator)
+        self._params = list(self.model.parameters())  # every one gets a gradient
+        self.eval_seconds = 0.0
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def restore(self, path) -> None:
+        """Continue from checkpoint ``path``: weights, optimizer, RNG states, position, loss sums."""
+        state, mine = load(self.accelerator, path)
+        self.progress = Progress(**state["progress"])
+        self.clock.progress = self.progress
+        if self.recipe.scheduler is not None:
+            self.recipe.scheduler.load_state_dict(state["scheduler"])
+        self.losses.load_state_dict(mine)
+        p = self.progress
+        where = f"{p.batch} batches into epoch {p.epoch + 1}" if p.batch else f"{p.epoch} epochs done"
+        log.info("resumed from %s: step %d, %s", path, p.step, where)
+
+    def save_checkpoint(self):
+        """Save where training is now (a collective: every rank calls it at the same step)."""
+        scheduler = self.recipe.scheduler
+        state = {
+            "progress": asdict(self.progress),
+            "world_size": self.world,
+            "config": self.cfg.to_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "wandb_run_id": self.tracker.run_id,
+        }
+        with self.clock.paused():
+            path = self.checkpointer.save(state, self.losses.state_dict())
+        log.debug("checkpoint %s saved (epoch %d, step %d)", path, self.progress.epoch, self.progress.step)
+        return path
+
+    def _stop(self, signum: int) -> Stopped:
+        self.clock.stop()
+        self.display.end_epoch()
+        return Stopped(signum, self.progress.step, self.save_checkpoint())
+
+    # -- one step, one epoch, the run -----------------------------------------------------
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on this rank's part of a global batch; returns its loss (on the device)."""
+        zero_grad, backward, step = self._calls
+        logits = self.model(self.recipe.inputs(images, indices))
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        zero_grad()
+        backward(loss)
+        check_gradients(self._params, self.cfg, self.progress.step, self.progress.epoch)
+        step()
+        self.recipe.after_step()
+        return loss
+
+    def _share(self, value: torch.Tensor) -> tuple[float, int | None]:
+        """``value`` averaged over ranks, and the signal (if any) all ranks stop for: one all-reduce."""
+        flags = torch.tensor(self.stop.local(), dtype=value.dtype, device=value.device)
+        summed = self.accelerator.reduce(torch.cat([value.reshape(1), flags]), reduction="sum").tolist()
+        return summed[0] / self.world, StopFlags.verdict(summed[1:])
+
+    def _log_interval(self) -> None:
+        """The interval's loss, shared with the stop vote; raises ``Stopped`` if the ranks agreed to stop."""
+        p = self.progress
+        mean, signum = self._share(self.losses.interval_mean())
+        rate = self.display.interval(p.step, mean, self.losses.interval_steps)
+        self.tracker.log_step(
+            p.step, {"train/loss": mean, "lr": self.optimizer.param_groups[0]["lr"], "train/samples_per_second": rate}
+        )
+        self.losses.end_interval()
+        # A stop agreed on at the very last step saves no time: the run ends as an unstopped one.
+        if signum is not None and p.step < self.parts.total_steps:
+            raise self._stop(signum)
+
+    def _reached_max(self) -> bool:
+        return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
+
+    def _finished(self) -> bool:
+        """All epochs done, or ``max_steps`` reached."""
+        return self.progress.epoch >= self.cfg.epochs or self._reached_max()
+
+    def _train_epoch(self) -> tuple[float, int | None]:
+        """Train the rest of the current epoch (or up to ``max_steps``); return its mean loss
+        over all ranks and the signal, if any, that all ranks agreed to stop for at its end."""
+        cfg, p, loader = self.cfg, self.progress, self.parts.train_loader
+        self.model.train()
+        shard_sampler(loader).set_epoch(p.epoch)
+        loader.batch_sampler.skip_next(p.batch)  # resumed mid-epoch: the batches not yet seen
+        left = len(loader) - p.batch
+        self.display.start_epoch(
+            p.epoch + 1, cfg.epochs, left if cfg.max_steps is None else min(left, cfg.max_steps - p.step)
+        )
+        self.recipe.start_epoch(p.epoch)
+        self.clock.start()
+        for images, labels, indices in loader:
+            self.losses.add(self.train_step(images, labels, indices))
+            p.step += 1
+            p.batch += 1
+            self.display.advance()
+            if p.step % cfg.log_every == 0:
+                self._log_interval()
+            if self.checkpointer.due_after_step(p.step, p.batch >= len(loader), self._reached_max()):
+                self.save_checkpoint()
+            if self._reached_max():
+                break
+        self.clock.stop()
+        self.display.end_epoch()
+        return self._share(self.losses.end_epoch())
+
+    def _evaluate(self) -> EvalResult:
+        start = time.perf_counter()
+        model = self.recipe.inference_model(self.model, self.accelerator)
+        result = evaluate(model, self.parts.eval_loader, self.accelerator)
+        self.eval_seconds = time.perf_counter() - start
+        return result
+
+    def _epoch(self) -> EvalResult:
+        """One epoch: train, evaluate, log; then stop, or save a checkpoint, as due."""
+        p, split = self.progress, self.parts.split
+        epoch_start = time.perf_counter()
+        train_loss, signum = self._train_epoch()
+        p.epoch += 1
+        p.batch = 0
+        result = self._evaluate()
+        log.info(
+            "epoch %d/%d: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
+            p.epoch,
+            self.cfg.epochs,
+            train_loss,
+            split,
+            100 * result.accuracy,
+            split,
+            result.loss,
+            p.step,
+            p.train_seconds,
+        )
+        self.tracker.log_epoch(
+            p.step,
+            {
+                "epoch": p.epoch,
+                "train/epoch_loss": train_loss,
+                f"{split}/accuracy": result.accuracy,
+                f"{split}/loss": result.loss,
+                "epoch_seconds": time.perf_counter() - epoch_start,
+            },
+        )
+        last = self._finished()
+        if signum is not None and not last:
+            raise self._stop(signum)
+        if signum is not None:
+            log.info("%s at the last step: finishing the run normally", signal.Signals(signum).name)
+        if self.checkpointer.due_after_epoch(p.step, p.epoch, last):
+            self.save_checkpoint()
+        return result
+
+    def _announce(self) -> None:
+        cfg, parts = self.cfg, self.parts
+        if self._finished():
+            log.info("training ended at this checkpoint (step %d): evaluating it", self.progress.step)
+            return
+        length = f"{cfg.epochs} epochs" if cfg.max_steps is None else f"{cfg.epochs} epochs or {cfg.max_steps} steps"
+        log.info(
+            "training %s on %d process(es) (%s): global batch %d (%d per process), lr %g, %s",
+            cfg.dataset,
+            self.world,
+            self.accelerator.device.type,
+            parts.global_batch,
+            parts.per_process,
+            parts.lr,
+            length,
+        )
+
+    def metrics(self, result: EvalResult) -> dict[str, Any]:
+        """What ``metrics.json`` records: the last evaluation, and how the run was trained."""
+        split, p = self.parts.split, self.progress
+        return {
+            **{key.replace("test_", f"{split}_", 1): value for key, value in result.metrics().items()},
+            "eval_split": split,
+            "world_size": self.world,
+            "train_seconds": p.train_seconds,
+            "eval_seconds": self.eval_seconds,  # the last evaluation of the whole evaluation set
+            "epochs": p.epoch,
+            "steps": p.step,
+            "global_batch_size": self.parts.global_batch,
+            "per_process_batch_size": self.parts.per_process,
+            "lr": self.parts.lr,
+            "device": self.accelerator.device.type,
+        }
+
+    def fit(self) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
+        """Train and evaluate after every epoch; return the model to save, the metrics, the last evaluation."""
+        self._announce()
+        self.tracker.started()  # not during the training steps: wandb's start would compete for the CPU
+        result = None
+        while not self._finished():
+            result = self._epoch()
+        if result is None:  # resumed from the checkpoint at the end of training
+            result = self._evaluate()
+        metrics = self.metrics(result)
+        eval_set = self.parts.eval_set
+        self.tracker.finish(
+            metrics, result.confusion, misclassified_examples(result.predictions, eval_set.images, eval_set.labels)
+        )
+        trained = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return self.recipe.inference_model(trained, self.accelerator), metrics, result

@@ -1,0 +1,51 @@
+"""User-facing errors: one base class, each kind also the built-in error it refines, nothing imported."""
+
+import ast
+import inspect
+import signal
+
+from mnist_dist import errors
+
+from conftest import REPO
+
+
+def test_errors_import_nothing_of_the_package():
+    tree = ast.parse((REPO / "mnist_dist/errors.py").read_text())
+    imported = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert all(isinstance(n, ast.Import) or (n.module == "__future__") for n in imported), imported
+    assert {a.name for n in imported if isinstance(n, ast.Import) for a in n.names} == {"signal"}
+
+
+def test_every_user_error_is_one_base_class_and_a_builtin_one():
+    kinds = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
+    user = [c for c in kinds if issubclass(c, errors.UserError) and c is not errors.UserError]
+    assert len(user) >= 10
+    for kind in user:
+        builtin = [
+            b for b in kind.__mro__[1:] if b.__module__ == "builtins" and b not in (Exception, BaseException, object)
+        ]
+        assert builtin, kind  # e.g. ConfigError is a ValueError too
+    assert issubclass(errors.ConfigError, ValueError) and issubclass(errors.MissingFileError, FileNotFoundError)
+    assert not issubclass(errors.Stopped, errors.UserError)  # a stop is not an error
+
+
+def test_a_stop_says_how_to_resume_and_exits_with_128_plus_the_signal():
+    stop = errors.Stopped(signal.SIGTERM, 1323, "runs/r1/checkpoints/step-00001323")
+    assert stop.exit_code == 143
+    assert str(stop) == (
+        "stopped by SIGTERM at step 1323; checkpoint runs/r1/checkpoints/step-00001323 saved. "
+        "Run the same command again to resume (resume: auto)"
+    )
+
+
+def test_the_command_line_prints_a_user_error_as_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from mnist_dist.cli import main
+
+    result = CliRunner().invoke(main, ["checkpoints", "verify", str(tmp_path)])  # no error: nothing to check
+    assert result.exit_code == 0 and "no checkpoints" in result.output
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and result.output == (
+        f"Error: {tmp_path / 'history.jsonl'} does not exist: pass the --output-dir of a training run\n"
+    )

@@ -1,0 +1,338 @@
+"""Tracking: wandb offline by default, one run for N processes, never a failed job because of wandb."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from mnist_dist.config import build_config
+from mnist_dist.errors import ConfigError
+
+from conftest import read_metrics, run_cli
+from wandb_files import offline_runs, read_wandb_records, wandb_config, wandb_history
+
+pytest.importorskip("wandb", reason="wandb is not installed (these tests read its offline runs)")
+
+# 2 epochs of 118 steps (batch 512): quick, and enough log intervals to see the steps grow.
+QUICK = [
+    "--config",
+    "configs/train/reference.yaml",
+    "--cpu",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "512",
+    "--log-every",
+    "20",
+    "--hidden-sizes",
+    "64",
+]
+
+
+def _train(out: Path, data_dir, *extra, processes=1, env=None):
+    return run_cli(
+        ["mnist_dist.train", *QUICK, "--data-dir", str(data_dir), "--output-dir", str(out), *extra],
+        processes=processes,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory, data_dir):
+    """A 2-epoch run without credentials or WANDB_MODE: offline because nothing says otherwise."""
+    out = tmp_path_factory.mktemp("offline") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("WANDB_MODE")
+        mp.delenv("WANDB_API_KEY", raising=False)
+        mp.setenv("NETRC", str(out.parent / "no-netrc"))
+        proc = _train(out, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_offline_run_records_config_steps_and_epochs(offline_run):
+    out, proc = offline_run
+    runs = offline_runs(out)
+    assert len(runs) == 1, runs
+    assert proc.stderr.count("logging offline") == 1
+    assert f"wandb sync {out}/wandb/offline-run-*" in proc.stderr
+    (log_file,) = runs[0].glob("run-*.wandb")
+    records = read_wandb_records(log_file)
+
+    config = wandb_config(records)
+    assert (config["lr"], config["batch_size"], config["epochs"], config["world_size"]) == (0.5, 512, 2, 1)
+    assert {"torch", "accelerate", "python"} <= set(config["versions"])
+
+    rows = wandb_history(records)
+    steps = [step for step, _ in rows]
+    assert steps == sorted(set(steps)), "steps strictly increase"
+    loss_steps = [step for step, items in rows if "train/loss" in items]
+    assert loss_steps == list(range(20, 237, 20))  # 118 steps per epoch, logged every 20
+    epochs = [(step, items) for step, items in rows if "test/accuracy" in items]
+    assert [(s, i["epoch"]) for s, i in epochs] == [(118, 1), (236, 2)]
+    metrics = read_metrics(out / "metrics.json")
+    assert epochs[-1][1]["test/accuracy"] == metrics["test_accuracy"] > 0.85
+    assert all(i["train/samples_per_second"] > 0 and i["lr"] == 0.5 for _, i in rows if "train/loss" in i)
+    assert any(key.startswith("test/misclassified") for key in rows[-1][1])
+    assert any(key.startswith("test/confusion_matrix") for key in rows[-1][1])
+    summaries = [r.summary for r in records if r.WhichOneof("record_type") == "summary"]
+    assert any(u.key == "test_accuracy" for s in summaries for u in s.update)
+
+
+def test_history_file_mirrors_what_wandb_got(offline_run):
+    out, _ = offline_run
+    records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "config" and kinds[-1] == "summary" and kinds.count("epoch") == 2
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(20, 237, 20))
+    summary = records[-1]
+    assert sum(map(sum, summary["confusion_matrix"])) == 10000
+    assert summary["test_correct"] == sum(summary["confusion_matrix"][i][i] for i in range(10))
+
+    from safetensors.torch import load_file
+
+    examples = load_file(str(out / "misclassified.safetensors"))
+    assert examples["images"].shape == (64, 28, 28)
+    assert (examples["predicted"] != examples["label"]).all()
+    assert examples["index"].tolist() == sorted(examples["index"].tolist())
+
+
+def test_unreachable_server_with_online_forced_still_trains(tmp_path, data_dir, offline_run):
+    """wandb pointed where nothing listens, online forced: a warning, exit 0, the same metrics."""
+    env = {
+        "WANDB_MODE": "online",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_INIT_TIMEOUT": "1",
+    }
+    start = time.monotonic()
+    proc = _train(tmp_path / "run", data_dir, env=env)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert seconds < 60
+    assert proc.stderr.count("wandb failed to start") == 1
+    assert "Traceback" not in proc.stderr
+    same = read_metrics(offline_run[0] / "metrics.json")
+    got = read_metrics(tmp_path / "run" / "metrics.json")
+    keys = ("test_correct", "test_loss", "steps")
+    assert {k: got[k] for k in keys} == {k: same[k] for k in keys}
+    assert (tmp_path / "run" / "history.jsonl").is_file()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_make_one_wandb_run(tmp_path, data_dir):
+    out = tmp_path / "two"
+    proc = _train(out, data_dir, "--max-steps", "40", processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = offline_runs(out)
+    assert len(runs) == 1, runs
+    (log_file,) = runs[0].glob("run-*.wandb")
+    records = read_wandb_records(log_file)
+    assert wandb_config(records)["world_size"] == 2
+    assert [s for s, i in wandb_history(records) if "train/loss" in i] == [20, 40]
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["not-installed", "import-fails"])
+def test_wandb_that_cannot_be_imported_is_one_warning(tmp_path, monkeypatch, caplog, installed):
+    import sys
+
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking import tracker as tracking
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # ``import wandb`` raises ImportError
+    if installed:  # the package's metadata is there, its import fails
+        monkeypatch.setattr(tracking, "wandb_installed", lambda: True)
+    accelerator = Accelerator(cpu=True, log_with=tracking.accelerator_log_with("wandb"))
+    tracker = tracking.Tracker(build_config(None, {"output_dir": str(tmp_path)}), accelerator, tmp_path)
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        tracker.start({"lr": 0.5})
+        tracker.log_step(10, {"train/loss": 0.5})
+        tracker.end()
+    (message,) = [r.getMessage() for r in caplog.records]
+    expected = "wandb failed to start (ModuleNotFoundError" if installed else "the wandb package is not installed"
+    assert expected in message
+    assert not tracker.wandb_on and (tmp_path / "history.jsonl").read_text().count("\n") == 2
+
+
+def test_disabled_mode_is_a_quiet_no_op(tmp_path, monkeypatch, caplog):
+    import torch
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking.tracker import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    tracker = Tracker(build_config(None, {"output_dir": str(tmp_path)}), accelerator, tmp_path)
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        tracker.start({"lr": 0.5})
+        tracker.log_step(10, {"train/loss": 0.5})
+        tracker.log_epoch(12, {"test/accuracy": 0.5})
+        examples = {
+            "images": torch.zeros(2, 28, 28, dtype=torch.uint8),
+            "predicted": torch.tensor([1, 2]),
+            "label": torch.tensor([7, 7]),
+            "index": torch.tensor([3, 5]),
+        }
+        tracker.finish({"test_accuracy": 0.5}, torch.eye(10, dtype=torch.long), examples)
+        tracker.end()
+    assert not caplog.records and not offline_runs(tmp_path)
+    assert [json.loads(line)["kind"] for line in (tmp_path / "history.jsonl").read_text().splitlines()] == [
+        "config",
+        "step",
+        "epoch",
+        "summary",
+    ]
+
+
+def test_a_wandb_failure_mid_run_is_one_warning(tmp_path, monkeypatch, caplog):
+    """A wandb call that raises disables wandb for the rest of the run; the history goes on."""
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking.tracker import Tracker
+
+    cfg = build_config(None, {"output_dir": str(tmp_path)})
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    tracker = Tracker(cfg, accelerator, tmp_path)
+    tracker.start({"lr": 0.5})
+    tracker.started()  # wandb starts in the background
+    assert tracker.wandb_on
+    run = accelerator.get_tracker("wandb", unwrap=True)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("socket closed\nmore detail")
+
+    monkeypatch.setattr(run, "log", broken)
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        for step in (10, 20, 30):
+            tracker.log_step(step, {"train/loss": 1.0 / step})
+    assert [r.getMessage() for r in caplog.records if "wandb failed" in r.getMessage()] == [
+        f"wandb failed to log (ConnectionError: socket closed); training goes on, the history is in "
+        f"{tmp_path / 'history.jsonl'}"
+    ]
+    assert not tracker.wandb_on and not accelerator.trackers
+    monkeypatch.undo()
+    run.finish()
+    tracker.end()
+    steps = [json.loads(line).get("step") for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert steps == [None, 10, 20, 30]
+
+
+def test_group_ties_a_slurm_job_together(monkeypatch, tmp_path):
+    from mnist_dist.tracking.tracker import default_group
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert default_group(tmp_path / "r") == "slurm-4242"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert default_group(tmp_path / "r") == "r"
+
+
+def test_credentials_are_found_without_network(monkeypatch, tmp_path):
+    from mnist_dist.tracking.tracker import has_wandb_credentials
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert not has_wandb_credentials()
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert has_wandb_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert not has_wandb_credentials()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert has_wandb_credentials()
+
+
+def test_tags_are_words():
+    assert build_config(None, {"wandb_tags": "baseline, sgd,"}).wandb_tags == ("baseline", "sgd")
+    assert build_config(None, {"wandb_tags": ["a"]}).wandb_tags == ("a",)
+    assert build_config().wandb_tags == ()
+    with pytest.raises(ConfigError, match="'wandb_tags' must be a list of strings"):
+        build_config(None, {"wandb_tags": [1, 2]})
+    with pytest.raises(ConfigError, match="'tracker' must be one of wandb, none"):
+        build_config(None, {"tracker": "tensorboard"})
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("fresh", ("new", None)),
+        ("resumed, nothing logged past the checkpoint", ("resume", "ckpt1234")),
+        ("resumed after a crash that logged past it", ("rewind", "ckpt1234")),
+        ("crashed before its first checkpoint", ("rewind", "first999")),
+        ("finished before, started afresh", ("new", None)),
+    ],
+)
+def test_which_wandb_run_a_run_continues(tmp_path, case, expected):
+    from accelerate import Accelerator
+
+    from mnist_dist.runs import HISTORY_FILE
+    from mnist_dist.tracking.tracker import Tracker
+
+    history = {
+        "fresh": [],
+        "resumed, nothing logged past the checkpoint": [
+            {"kind": "config", "wandb_run_id": "ckpt1234"},
+            {"kind": "step", "step": 100},
+        ],
+        "resumed after a crash that logged past it": [
+            {"kind": "config", "wandb_run_id": "ckpt1234"},
+            {"kind": "step", "step": 100},
+            {"kind": "step", "step": 150},
+        ],
+        "crashed before its first checkpoint": [
+            {"kind": "config", "wandb_run_id": "first999"},
+            {"kind": "step", "step": 50},
+        ],
+        "finished before, started afresh": [
+            {"kind": "config", "wandb_run_id": "old77777"},
+            {"kind": "summary", "step": 9380},
+        ],
+    }[case]
+    (tmp_path / HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
+    resumed = None
+    if case.startswith("resumed"):
+        resumed = {"progress": {"step": 100}, "wandb_run_id": "ckpt1234"}
+    tracker = Tracker(build_config(None, {"output_dir": str(tmp_path)}), Accelerator(cpu=True), tmp_path)
+    tracker._last_step = 100 if resumed else 0
+    run_id, how = tracker._wandb_run(resumed, history, None)
+    assert how == expected[0]
+    assert run_id == expected[1] if expected[1] else len(run_id) == 8 and run_id.isalnum()
+
+
+def test_a_wandb_start_that_never_returns_is_given_up_in_bounded_time(tmp_path, monkeypatch, caplog):
+    """The main process waits for wandb's start at most its init timeout plus a margin, then trains on."""
+    import threading
+
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking import tracker as tracking
+
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "1")
+    monkeypatch.setattr(tracking, "START_MARGIN", 1.0)
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    release = threading.Event()
+    # A start stuck in wandb (a server that never answers, wandb's own timeout not firing): it
+    # returns only when released, long after the bound.
+    monkeypatch.setattr(accelerator, "init_trackers", lambda *args, **kwargs: release.wait(30))
+    tracker = tracking.Tracker(build_config(None, {"output_dir": str(tmp_path)}), accelerator, tmp_path)
+    tracker.start({"lr": 0.5})
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        tracker.started()
+    assert 2 <= time.monotonic() - start < 6
+    assert not tracker.wandb_on
+    assert [r.getMessage() for r in caplog.records] == [
+        f"wandb did not start within 2 s; training goes on without it, the history is in {tmp_path / 'history.jsonl'}"
+    ]
+    tracker.log_step(10, {"train/loss": 0.5})
+    release.set()
+    tracker.end()
+    assert [json.loads(line)["kind"] for line in (tmp_path / "history.jsonl").read_text().splitlines()] == [
+        "config",
+        "step",
+    ]
