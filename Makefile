@@ -1,6 +1,7 @@
 # make train: set up .venv if needed, fetch MNIST, train the reference recipe, print test accuracy.
 # make test:  set up .venv if needed and run the test suite.
 # make serve: the drawing page and HTTP API for the run in RUN_DIR, on http://127.0.0.1:PORT/.
+# make lint:  ruff's lint and format checks (configured in pyproject.toml); make format fixes the format.
 PYTHON_SYSTEM ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ LAUNCH_CONFIG ?= configs/accelerate/single_gpu.yaml
 # Known-good builds; pip falls back to the index if they are not cached locally.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data train test serve bench clean
+.PHONY: install data train test serve lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -35,7 +36,15 @@ test: install
 	MNIST_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
 
 serve: install
-	$(VENV)/bin/mnist-dist serve --weights $(RUN_DIR)/model.safetensors --port $(PORT)
+	$(VENV)/bin/mnist-dist serve --weights $(RUN_DIR) --port $(PORT)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(RUN_DIR) .pytest_cache
