@@ -40,8 +40,7 @@ class AugmentSpec:
 
     @classmethod
     def from_config(cls, cfg) -> AugmentSpec:
-        return cls(cfg.augment_translate, cfg.augment_rotate, cfg.augment_scale, cfg.augment_shear,
-                   cfg.augment_elastic)
+        return cls(cfg.augment_translate, cfg.augment_rotate, cfg.augment_scale, cfg.augment_shear, cfg.augment_elastic)
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -64,17 +63,19 @@ def affine_matrices(params: torch.Tensor, spec: AugmentSpec, size: int) -> torch
     # rotation @ [[1, shear], [0, 1]] / zoom; shifting the picture by t samples it at -t.
     # Coordinates run over [-1, 1] across `size` pixels, so one pixel is 2 / size.
     shift = -2.0 * spec.translate / size
-    return torch.stack([
-        torch.stack([cos, cos * shear - sin, tx * shift], dim=1),
-        torch.stack([sin, sin * shear + cos, ty * shift], dim=1),
-    ], dim=1)
+    return torch.stack(
+        [
+            torch.stack([cos, cos * shear - sin, tx * shift], dim=1),
+            torch.stack([sin, sin * shear + cos, ty * shift], dim=1),
+        ],
+        dim=1,
+    )
 
 
 class Augmenter:
     """Warps batches of float images ``(n, H, W)`` (background 0) on their device."""
 
-    def __init__(self, spec: AugmentSpec, num_images: int, seed: int, device: torch.device,
-                 size: int = 28) -> None:
+    def __init__(self, spec: AugmentSpec, num_images: int, seed: int, device: torch.device, size: int = 28) -> None:
         self.spec, self.num_images, self.seed, self.device, self.size = spec, num_images, seed, device, size
         self.coeffs = None
         # Each sampling position is linear in per-image coefficients: (x, y, 1) for the affine
@@ -85,8 +86,9 @@ class Augmenter:
         features = [xs.flatten(), ys.flatten(), torch.ones(size * size)]
         if spec.elastic:
             g = ELASTIC_GRID
-            weights = F.interpolate(torch.eye(g * g).reshape(-1, 1, g, g), size=(size, size), mode="bicubic",
-                                    align_corners=True)
+            weights = F.interpolate(
+                torch.eye(g * g).reshape(-1, 1, g, g), size=(size, size), mode="bicubic", align_corners=True
+            )
             features += list(weights.reshape(g * g, size * size))
         self.features = torch.stack(features, dim=1).to(device)  # (H*W, 3 [+ g*g])
 

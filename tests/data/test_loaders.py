@@ -5,8 +5,7 @@ from mnist_dist.data.loaders import ShardBatches, TensorImages, make_loader, sha
 
 
 def _dataset(n: int) -> TensorImages:
-    return TensorImages(torch.arange(n, dtype=torch.uint8).repeat_interleave(4).reshape(n, 2, 2),
-                        torch.arange(n) % 10)
+    return TensorImages(torch.arange(n, dtype=torch.uint8).repeat_interleave(4).reshape(n, 2, 2), torch.arange(n) % 10)
 
 
 def _epoch(n, batch, world, shuffle, epoch=0, seed=0):

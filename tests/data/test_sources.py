@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mnist_dist.data import sources as data
-from mnist_dist.data.idx import load_split, read_idx
+from mnist_dist.data.idx import load_split
 from mnist_dist.data.sources import DATASETS, ensure_dataset, raw_dir, verify_file
 from mnist_dist.errors import DataError
 
@@ -104,7 +104,6 @@ def test_a_source_that_delivers_a_bad_file_never_replaces_anything(copy_of_mnist
 def test_fashion_mnist_from_the_system_copy(tmp_path, monkeypatch):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         skip_or_fail("Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
-    spec = DATASETS["fashion-mnist"]
     monkeypatch.setattr(data, "_sources", lambda s: [(d, data._from_dir(Path(d))) for d in s.local_dirs])
     raw = ensure_dataset(tmp_path, "fashion-mnist")
     assert raw == tmp_path / "FashionMNIST" / "raw"
