@@ -152,14 +152,14 @@ class Trainer:
     def save_checkpoint(self):
         """Save where training is now (a collective: every rank calls it at the same step)."""
         scheduler = self.recipe.scheduler
-        state = {
-            "progress": asdict(self.progress),
-            "world_size": self.world,
-            "config": self.cfg.to_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "wandb_run_id": self.tracker.run_id,
-        }
-        with self.clock.paused():
+        with self.clock.paused():  # the training time so far is counted in, the save's time is not
+            state = {
+                "progress": asdict(self.progress),
+                "world_size": self.world,
+                "config": self.cfg.to_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "wandb_run_id": self.tracker.run_id,
+            }
             path = self.checkpointer.save(state, self.losses.state_dict())
         log.debug("checkpoint %s saved (epoch %d, step %d)", path, self.progress.epoch, self.progress.step)
         return path
