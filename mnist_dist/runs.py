@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import uuid
@@ -28,6 +29,8 @@ from .errors import MissingFileError, RunDirError, WeightsChangedError, WeightsE
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("mnist_dist")
 
 CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE = "config.yaml", "metrics.json", "model.safetensors"
 HISTORY_FILE, MISCLASSIFIED_FILE = "history.jsonl", "misclassified.safetensors"
@@ -111,15 +114,26 @@ def weights_file(path: str | os.PathLike) -> Path:
     return p
 
 
+def run_metrics(weights: str | os.PathLike) -> tuple[Path | None, dict[str, Any]]:
+    """The run's ``metrics.json`` (in a run directory, or beside a weights file) and its content;
+    ``(None, {})`` if there is none, or it is not readable JSON (said in a warning)."""
+    p = Path(weights)
+    path = (p if p.is_dir() else p.parent) / METRICS_FILE
+    if not path.is_file():
+        return None, {}
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: not readable JSON (%s)", path, exc)
+        return None, {}
+    return (path, metrics) if isinstance(metrics, dict) else (None, {})
+
+
 def recorded_sha256(weights: Path) -> str | None:
     """The SHA-256 that the run beside ``weights`` recorded for it in ``metrics.json``, if any."""
-    metrics = weights.parent / METRICS_FILE
-    if weights.name != WEIGHTS_FILE or not metrics.is_file():
+    if weights.name != WEIGHTS_FILE:
         return None
-    try:
-        return json.loads(metrics.read_text()).get("weights_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return run_metrics(weights)[1].get("weights_sha256")
 
 
 def weights_problem(weights: Path, data: bytes | None = None) -> tuple[str | None, bool]:

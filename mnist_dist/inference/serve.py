@@ -26,7 +26,6 @@ import socket
 from dataclasses import asdict, dataclass
 from functools import partial
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 
 from ..errors import ServeError
-from ..runs import METRICS_FILE
+from ..runs import run_metrics
 from .recognize import FileResult, Recognizer
 from .results import error_json, result_json
 
@@ -69,20 +68,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def run_metrics(weights: str | os.PathLike) -> tuple[Path | None, dict[str, Any]]:
-    """The run's ``metrics.json`` (in a run directory, or beside a weights file) and its content, if readable."""
-    p = Path(weights)
-    path = (p if p.is_dir() else p.parent) / METRICS_FILE
-    if not path.is_file():
-        return None, {}
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring %s: not readable JSON (%s)", path, exc)
-        return None, {}
-    return (path, metrics) if isinstance(metrics, dict) else (None, {})
 
 
 def health(recognizer: Recognizer, weights: str | os.PathLike, limits: Limits) -> dict[str, Any]:

@@ -13,12 +13,13 @@ import importlib.util
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..distributed.rendezvous import node_name
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_FREE_BYTES = 64 * 2**20  # checkpoints of this model are a few MB; leave room for logs and wandb
@@ -186,7 +187,7 @@ def local_facts(cfg) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "rank": int(env.get("RANK", "0")),
         "local_rank": local_rank,
-        "node": env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0],
+        "node": node_name(env),
         "procs_per_node": int(env.get("PROCS_PER_NODE") or env.get("LOCAL_WORLD_SIZE") or 1),
         "versions": versions(),
         "devices": devices(cfg.cpu),

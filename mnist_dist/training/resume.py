@@ -109,7 +109,7 @@ def resolve(cfg: Config, run_dir: Path) -> Path | None:
                 step_of(chosen),
             )
             chosen = own
-    if chosen is not None and inspect(chosen).size_only:
+    if chosen is not None and read_state(chosen).get("format") == 1:  # verified already; format 1 had no checksums
         log.info("note: checkpoint %s was written before checksums; it could only be checked by size", chosen)
     return chosen
 
