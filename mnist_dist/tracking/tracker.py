@@ -138,7 +138,13 @@ class Tracker:
         if not self.is_main:
             return
         path = self.run_dir / HISTORY_FILE
-        previous = read_history(path)
+        try:
+            previous = read_history(path)
+        except ValueError as exc:  # a damaged history must not stop training: keep it aside, start anew
+            aside = path.with_name(f"{path.name}.unreadable")
+            os.replace(path, aside)
+            log.warning("%s; kept as %s, and a new history starts", exc, aside)
+            previous = []
         self._last_step = resumed["progress"]["step"] if resumed else 0
         self.wandb_id, self._wandb_how = self._wandb_run(resumed, previous, checkpoint)
         kept = rewind(one_timeline(previous), self._last_step) if resumed else []

@@ -336,3 +336,21 @@ def test_a_wandb_start_that_never_returns_is_given_up_in_bounded_time(tmp_path, 
         "config",
         "step",
     ]
+
+
+def test_a_damaged_history_is_kept_aside_and_training_starts(tmp_path, caplog):
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking.tracker import Tracker
+
+    (tmp_path / "history.jsonl").write_text('{"kind": "config"}\nnot json\n{"kind": "step", "step": 7}\n')
+    tracker = Tracker(
+        build_config(None, {"output_dir": str(tmp_path), "tracker": "none"}), Accelerator(cpu=True), tmp_path
+    )
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        tracker.start({"lr": 0.5})
+        tracker.log_step(10, {"train/loss": 0.5})
+    assert "line 2 is not JSON; kept as" in caplog.text
+    assert (tmp_path / "history.jsonl.unreadable").read_text().startswith('{"kind": "config"}\nnot json')
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert kinds == ["config", "step"]
