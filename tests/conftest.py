@@ -109,6 +109,43 @@ def read_metrics(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def max_difference(a: Path, b: Path) -> float:
+    from mnist_dist.runs import load_weights
+
+    wa, wb = load_weights(a), load_weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def assert_continues(moved: Path, straight: Path, after: int) -> tuple[float, int]:
+    """A run resumed at step ``after`` on another number of processes follows the uninterrupted one.
+
+    The same global batches (the loss of every log interval), the same lr at every step, the
+    optimizer state carried over. Only the order in which the gradient all-reduce adds up differs,
+    and SGD can amplify that rounding over hundreds of steps (docs/checkpoints.md: the same run on
+    2 threads instead of 1 can end far apart), so the weights are compared by the first losses
+    after the resume, before rounding grows, and the end by its test accuracy.
+    Returns (largest weight difference at the end, difference in test images right).
+    """
+
+    def logged_after(run_dir: Path) -> list[tuple[int, float, float]]:
+        records = history(run_dir)
+        return [(r["step"], r["lr"], r["train/loss"]) for r in records if r["kind"] == "step" and r["step"] > after]
+
+    went_on, was = logged_after(moved), logged_after(straight)
+    assert [s for s, _, _ in went_on] == [s for s, _, _ in was]
+    assert [lr for _, lr, _ in went_on] == [lr for _, lr, _ in was]
+    first = [(a[2], b[2]) for a, b in zip(went_on, was)][:5]
+    assert all(abs(a - b) < 1e-4 for a, b in first), first
+    correct = [read_metrics(run / "metrics.json")["test_correct"] for run in (moved, straight)]
+    assert abs(correct[0] - correct[1]) <= 20, correct  # 0.2%: what rounding alone moves it
+    return max_difference(moved / "model.safetensors", straight / "model.safetensors"), abs(correct[0] - correct[1])
+
+
 @pytest.fixture(scope="session")
 def trained_weights(data_dir, tmp_path_factory) -> Path:
     """model.safetensors of an MLP trained one quick epoch (bare loop), about 96% accurate."""

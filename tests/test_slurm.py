@@ -17,7 +17,7 @@ import torch
 
 from mnist_dist.runs import load_weights
 
-from conftest import REPO, read_metrics
+from conftest import REPO, assert_continues, read_metrics
 from slurm_cluster import wait_until
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slurm]
@@ -198,13 +198,10 @@ def test_launcher_alone_signalled_then_requeued_onto_fewer_nodes(slurm_cluster, 
     assert "written by 2 process(es), continuing on 1" in output, output[-3000:]
     metrics = read_metrics(run_dir / "metrics.json")
     assert (metrics["world_size"], metrics["steps"]) == (1, STEPS)
-    straight = load_weights(multi_node_run[2] / "model.safetensors")
-    resumed = load_weights(run_dir / "model.safetensors")
-    gap = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
-    assert gap < 1e-4
+    gap, accuracy_gap = assert_continues(run_dir, multi_node_run[2], stopped_at)
     print(
         f"job {job_id}: node 2's launcher signalled, stopped at step {stopped_at}, requeued onto 1 node; "
-        f"weights within {gap:.1e} of the 2-node run"
+        f"weights within {gap:.1e} of the 2-node run, test correct differs by {accuracy_gap}"
     )
 
 

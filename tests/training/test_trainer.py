@@ -8,7 +8,7 @@ import torch
 from mnist_dist.runs import load_weights
 from mnist_dist.training.trainer import LossMeter, Progress, Stopwatch
 
-from conftest import read_metrics, run_cli, train
+from conftest import history, read_metrics, run_cli, train
 
 
 def _train(tmp_path, name, data_dir, *extra, processes=1):
@@ -143,10 +143,7 @@ RECIPE = [
 
 
 def _lr_history(run_dir):
-    import json
-
-    records = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    return [(r["step"], r["lr"]) for r in records if r["kind"] == "step"]
+    return [(r["step"], r["lr"]) for r in history(run_dir) if r["kind"] == "step"]
 
 
 @pytest.mark.multiprocess
