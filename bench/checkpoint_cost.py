@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from mnist_dist import checkpoint
 from mnist_dist.config import Config
 from mnist_dist.model import MLP
+from mnist_dist.training import checkpoint, integrity
 
 
 def main() -> None:
@@ -43,21 +43,21 @@ def main() -> None:
         "wandb_run_id": None,
     }
     rank = {"interval_loss": 0.0, "interval_steps": 0, "epoch_loss": 0.0, "epoch_steps": 0}
-    real = checkpoint.sha256_file, checkpoint._sha256_at
+    real = checkpoint.sha256_file, integrity._sha256_at
     none = (lambda path: ""), (lambda dir_fd, name: "")
     times: dict[str, list[float]] = {"with": [], "without": []}
     verify = []
     with tempfile.TemporaryDirectory() as run_dir:
         for step in range(1, 2 * args.repeats + 1):
             mode = "with" if step % 2 else "without"
-            checkpoint.sha256_file, checkpoint._sha256_at = real if mode == "with" else none
+            checkpoint.sha256_file, integrity._sha256_at = real if mode == "with" else none
             start = time.perf_counter()
             position = {**state["progress"], "step": step}
             path = checkpoint.save(accelerator, Path(run_dir), {**state, "progress": position}, rank, keep=2)
             times[mode].append(time.perf_counter() - start)
             if mode == "with":
                 start = time.perf_counter()
-                assert checkpoint.inspect(path).ok
+                assert integrity.inspect(path).ok
                 verify.append(time.perf_counter() - start)
         size = sum(f.stat().st_size for f in path.iterdir())
     with_ms, without_ms = (1000 * statistics.median(times[m]) for m in ("with", "without"))

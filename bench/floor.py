@@ -13,7 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mnist_dist.data import ensure_dataset, load_split
+from mnist_dist.data.idx import load_split
+from mnist_dist.data.sources import ensure_dataset
 from mnist_dist.model import MLP
 
 

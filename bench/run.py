@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these configurations (names as printed)")
     parser.add_argument("--write", help="also write the results as Markdown to this file")
     args = parser.parse_args()
-    from mnist_dist.data import ensure_dataset
+    from mnist_dist.data.sources import ensure_dataset
 
     ensure_dataset(args.data_dir, "mnist")
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}

@@ -40,7 +40,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from mnist_dist.data import ensure_dataset, load_split  # noqa: E402
+from mnist_dist.data.idx import load_split  # noqa: E402
+from mnist_dist.data.sources import ensure_dataset  # noqa: E402
 
 from serving import running_server  # noqa: E402  (the tests' helper: start, wait until ready, stop)
 

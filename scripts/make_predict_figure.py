@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnist_dist.data import DATASETS, ensure_dataset, load_split, raw_dir
-from mnist_dist.preprocess import preprocess
+from mnist_dist.data.idx import load_split
+from mnist_dist.data.sources import DATASETS, ensure_dataset, raw_dir
+from mnist_dist.inference.preprocess import preprocess
 
 INK, PAPER = np.array([30.0, 40.0, 110.0]), np.array([246.0, 241.0, 228.0])
 CANVAS = (300, 220)  # width, height of the input picture

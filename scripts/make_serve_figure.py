@@ -22,8 +22,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from mnist_dist.data import ensure_dataset, load_split  # noqa: E402
-from mnist_dist.recognize import Recognizer  # noqa: E402
+from mnist_dist.data.idx import load_split  # noqa: E402
+from mnist_dist.data.sources import ensure_dataset  # noqa: E402
+from mnist_dist.inference.recognize import Recognizer  # noqa: E402
 
 from browser import clear, digit_strokes, draw_with_mouse, launch, missing_reason, read_answer, wait_for_answer  # noqa: E402
 from serving import running_server  # noqa: E402

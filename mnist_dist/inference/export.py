@@ -1,7 +1,7 @@
 """Export trained weights for use without this package: TorchScript, or ONNX when its packages are there.
 
 The exported model maps float images ``(N, 28, 28)`` in [0, 1], bright ink on black (the
-output of :func:`mnist_dist.preprocess.preprocess`), to logits ``(N, 10)``, for any N.
+output of :func:`mnist_dist.inference.preprocess.preprocess`), to logits ``(N, 10)``, for any N.
 """
 
 from __future__ import annotations

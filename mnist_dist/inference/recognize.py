@@ -5,7 +5,7 @@
 >>> recognizer.predict("photo.jpg").digit
 7
 
-Every input goes through :func:`mnist_dist.preprocess.preprocess`, the same steps the
+Every input goes through :func:`mnist_dist.inference.preprocess.preprocess`, the same steps the
 command line uses, so both see exactly what the model sees.
 """
 
@@ -87,7 +87,7 @@ class Recognizer:
     def predict(self, image: Any) -> Prediction:
         """Recognise one image: a path, a PIL image, or an array (see :func:`preprocess`).
 
-        Raises :class:`~mnist_dist.preprocess.ImageError` (or its subclass
+        Raises :class:`~mnist_dist.inference.preprocess.ImageError` (or its subclass
         ``BlankImageError``) when the image cannot be read or holds no ink.
         """
         return self.predict_tensors(preprocess(image).unsqueeze(0))[0]
