@@ -23,7 +23,8 @@ import torch
 from ..errors import WeightsError
 from ..model import MLP, hidden_sizes_from_state_dict
 from ..runs import load_weights
-from .preprocess import ImageError, preprocess
+from .images import ImageError
+from .preprocess import preprocess
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,8 @@ class Recognizer:
     def predict(self, image: Any) -> Prediction:
         """Recognise one image: a path, a PIL image, or an array (see :func:`preprocess`).
 
-        Raises :class:`~mnist_dist.inference.preprocess.ImageError` (or its subclass
-        ``BlankImageError``) when the image cannot be read or holds no ink.
+        Raises :class:`~mnist_dist.inference.images.ImageError` when the image cannot be read, and
+        its subclass :class:`~mnist_dist.inference.preprocess.BlankImageError` when it holds no ink.
         """
         return self.predict_tensors(preprocess(image).unsqueeze(0))[0]
 

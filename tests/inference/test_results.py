@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from mnist_dist.inference.preprocess import ImageError
+from mnist_dist.inference.images import ImageError
 from mnist_dist.inference.recognize import FileResult, Prediction
 from mnist_dist.inference.results import error_json, json_line, result_json, table
 
