@@ -96,5 +96,5 @@ def serve_command(
     """Serve a page to draw digits on, and an HTTP API: POST /predict, GET /healthz."""
     serve = _serve_module()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    limits = serve.Limits(round(max_file_mb * serve.MB), max_batch, round(max_request_mb * serve.MB))
+    limits = serve.Limits.in_megabytes(max_file_mb, max_batch, max_request_mb)
     serve.run_server(weights, host, port, limits)
