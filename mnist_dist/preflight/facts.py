@@ -156,7 +156,7 @@ def sees_token(path: str, token: str) -> bool:
 
 def wandb_plan(cfg, run_dir: str) -> Check:
     """What the tracker will do (main process): never a failure, wandb does not stop training."""
-    from ..tracking.tracker import has_wandb_credentials
+    from ..tracking.wandb_run import has_wandb_credentials
 
     if cfg.tracker == "none":
         return Check("wandb", OK, "tracker none: the run's history.jsonl only")

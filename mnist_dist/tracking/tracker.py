@@ -18,60 +18,25 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import netrc
 import os
 import platform
-import secrets
-import string
 import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import torch
 
 from ..runs import HISTORY_FILE, MISCLASSIFIED_FILE, atomic_write_bytes
-from .history import last_logged_step, one_timeline, read_history, rewind
+from .history import one_timeline, read_history, rewind
+from .wandb_run import INIT_TIMEOUT, choose_run, wandb_installed
+from .wandb_run import init_kwargs as wandb_init_kwargs
 
 log = logging.getLogger("mnist_dist")
 
 MAX_MISCLASSIFIED = 64
-# Bounds on wandb's waits, so an unreachable server costs at most this much (seconds).
-# WANDB_INIT_TIMEOUT / WANDB_FINISH_TIMEOUT in the environment take precedence.
-INIT_TIMEOUT, FINISH_TIMEOUT = 60.0, 60.0
 # The main process waits for wandb's start at most its init timeout plus this (import, service start).
 START_MARGIN = 30.0
-
-
-def wandb_installed() -> bool:
-    """Whether Accelerate will offer its wandb tracker (checked without importing wandb)."""
-    from accelerate.utils import is_wandb_available
-
-    return bool(is_wandb_available())
-
-
-def accelerator_log_with(tracker: str) -> str | None:
-    """``log_with`` for the Accelerator: "wandb" if asked for and installed, else None."""
-    return "wandb" if tracker == "wandb" and wandb_installed() else None
-
-
-def has_wandb_credentials() -> bool:
-    """An API key, identity token or netrc entry for the wandb server is there (no network)."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
-    path = os.environ.get("NETRC") or Path.home() / ".netrc"
-    try:
-        return netrc.netrc(path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def default_group(run_dir: Path) -> str:
-    """One group for every rank and every requeued restart of a job."""
-    job = os.environ.get("SLURM_JOB_ID")
-    return f"slurm-{job}" if job else run_dir.resolve().name
 
 
 def run_config(cfg, accelerator) -> dict[str, Any]:
@@ -88,12 +53,6 @@ def run_config(cfg, accelerator) -> dict[str, Any]:
         "device": accelerator.device.type,
         "versions": versions,
     }
-
-
-def new_run_id() -> str:
-    """A fresh wandb run id (8 lowercase letters and digits, as wandb makes them), without importing wandb."""
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def misclassified_examples(
@@ -146,7 +105,9 @@ class Tracker:
             log.warning("%s; kept as %s, and a new history starts", exc, aside)
             previous = []
         self._last_step = resumed["progress"]["step"] if resumed else 0
-        self.wandb_id, self._wandb_how = self._wandb_run(resumed, previous, checkpoint)
+        self.wandb_id, self._wandb_how = choose_run(
+            self.cfg, self.run_dir, self._last_step, resumed, previous, checkpoint
+        )
         kept = rewind(one_timeline(previous), self._last_step) if resumed else []
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         self._history = open(path, "a", encoding="utf-8")
@@ -163,29 +124,9 @@ class Tracker:
         self._starting = threading.Thread(target=self._start_wandb, args=(config,), name="wandb-start", daemon=True)
         self._starting.start()
 
-    def _wandb_run(
-        self, resumed: dict[str, Any] | None, previous: list[dict[str, Any]], checkpoint: Path | None
-    ) -> tuple[str | None, str]:
-        """``(wandb run id, how to start it)``: the checkpoint's run, the run of an attempt that
-        died before its first checkpoint (same command again), or a new one."""
-        if self.cfg.tracker != "wandb":
-            return None, "new"
-        at = self._last_step
-        if resumed and resumed.get("wandb_run_id"):
-            histories = [previous]
-            if checkpoint is not None and Path(checkpoint).resolve().parents[1] != self.run_dir.resolve():
-                histories.append(read_history(Path(checkpoint).parents[1] / HISTORY_FILE))  # resumed from elsewhere
-            logged = max(last_logged_step(h) for h in histories)
-            return resumed["wandb_run_id"], "rewind" if logged > at else "resume"
-        earlier = [r for r in previous if r.get("kind") == "config" and r.get("wandb_run_id")]
-        unfinished = not any(r.get("kind") == "summary" for r in previous)
-        if not resumed and self.cfg.resume == "auto" and earlier and unfinished:
-            return earlier[-1]["wandb_run_id"], "rewind" if last_logged_step(previous) > 0 else "resume"
-        return new_run_id(), "new"
-
     def _start_wandb(self, config: dict[str, Any]) -> None:
         try:
-            init_kwargs = self._init_kwargs()
+            init_kwargs = wandb_init_kwargs(self.cfg, self.run_dir, self.wandb_id, self._wandb_how, self._last_step)
             try:
                 self.accelerator.init_trackers(
                     self.cfg.wandb_project, config=config, init_kwargs={"wandb": init_kwargs}
@@ -235,43 +176,6 @@ class Tracker:
             self._start_error = None
             return
         self.wandb_on = any(t.name == "wandb" for t in self.accelerator.trackers)
-
-    def _init_kwargs(self) -> dict[str, Any]:
-        import wandb
-
-        wandb_dir = Path(self.cfg.wandb_dir) if self.cfg.wandb_dir else self.run_dir
-        wandb_dir.mkdir(parents=True, exist_ok=True)
-        settings: dict[str, Any] = {}
-        # login_timeout bounds the API key prompt wandb shows on a terminal when online is forced without one.
-        for key, seconds in (
-            ("init_timeout", INIT_TIMEOUT),
-            ("login_timeout", INIT_TIMEOUT),
-            ("finish_timeout", FINISH_TIMEOUT),
-        ):
-            if f"WANDB_{key.upper()}" not in os.environ:
-                settings[key] = seconds
-        kwargs: dict[str, Any] = {
-            "dir": str(wandb_dir),
-            "entity": self.cfg.wandb_entity,
-            "name": self.cfg.wandb_run_name,
-            "group": self.cfg.wandb_group or default_group(self.run_dir),
-            "tags": list(self.cfg.wandb_tags),
-        }
-        if self._wandb_how == "rewind":  # the run had gone past this step: cut it back, then go on
-            kwargs["resume_from"] = f"{self.wandb_id}?_step={self._last_step}"
-        else:
-            kwargs["id"] = self.wandb_id
-            if self._wandb_how == "resume":
-                kwargs["resume"] = "allow"
-        if not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_DISABLED")) and not has_wandb_credentials():
-            kwargs["mode"] = "offline"
-            settings["silent"] = True  # the line below says it all, once
-            log.info(
-                "wandb: no credentials (WANDB_API_KEY or ~/.netrc), logging offline; upload later with: wandb sync %s",
-                wandb_dir / "wandb" / "offline-run-*",
-            )
-        kwargs["settings"] = wandb.Settings(**settings)
-        return kwargs
 
     @property
     def run_id(self) -> str | None:

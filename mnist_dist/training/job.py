@@ -15,7 +15,8 @@ from .. import runs
 from ..config import Config, per_process_batch_size, save_config
 from ..distributed.runtime import build_accelerator, setup_logging, world_size_from_env
 from ..errors import Stopped
-from ..tracking.tracker import Tracker, accelerator_log_with, run_config
+from ..tracking.tracker import Tracker, run_config
+from ..tracking.wandb_run import accelerator_log_with
 from .build import build
 from .checkpoint import Checkpointer
 from .preempt import StopFlags, requeue_slurm_job
