@@ -20,19 +20,14 @@ already there.
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from ..errors import RendezvousError
+from .waiting import Signalled, call_before, first_line, stderr_to_debug_log, stop_on_signals, time_left, where_written
 
 PREFLIGHT = "preflight: mnist-dist doctor, launched the same way (or sbatch launch/doctor.sbatch)"
 ADDRESS_HINT = "MAIN_ADDR / --main_process_ip / MASTER_ADDR"
@@ -100,17 +95,18 @@ def join(peers: Peers, timeout: float):
 
     deadline = time.monotonic() + timeout
     arrived = [0]
-    with _torch_output_to_debug_log(peers) as debug_log:
+    with stderr_to_debug_log(f"mnist-dist-rendezvous-{peers.node}") as debug_log:
         try:
             store = _host(peers, deadline) if peers.hosts else _connect(peers, deadline, timeout)
             _count_arrivals(store, peers, deadline, timeout, arrived)
         except RendezvousError as exc:
-            raise RendezvousError(f"{exc}{_see(debug_log)}") from None
-        except _Signalled as exc:
+            raise RendezvousError(f"{exc}{where_written(debug_log)}") from None
+        except Signalled as exc:
             raise RendezvousError(
                 f"{peers.who} was stopped by {exc.name} while waiting at {peers.addr}:{peers.port} for the "
                 f"others ({arrived[0]} of {peers.world_size} {peers.unit}s in): a node that failed ends the whole "
-                f"job step, so look for the first error in the other nodes' output; {PREFLIGHT}{_see(debug_log)}"
+                f"job step, so look for the first error in the other nodes' output; {PREFLIGHT}"
+                f"{where_written(debug_log)}"
             ) from None
     return PrefixStore(peers.scope, store)
 
@@ -170,13 +166,13 @@ def _host(peers: Peers, deadline: float):
             peers.port,
             None,
             True,
-            timedelta(seconds=_left(deadline, 1)),
+            timedelta(seconds=time_left(deadline, 1)),
             wait_for_workers=False,
             multi_tenant=True,
         )
     except Exception as exc:  # DistNetworkError: the port is taken
         raise RendezvousError(
-            f"{peers.who} cannot listen on port {peers.port} ({_first_line(exc)}); choose a free port "
+            f"{peers.who} cannot listen on port {peers.port} ({first_line(exc)}); choose a free port "
             f"({PORT_HINT}); {PREFLIGHT}"
         ) from None
     _resolve(peers)
@@ -193,18 +189,23 @@ def _connect(peers: Peers, deadline: float, timeout: float):
         raise RendezvousError(_unreachable(peers, timeout, reason))
     # The port answers, so a store there answers at once. torch's client retries past its own
     # timeout (about 1.5-3 times it), so it gets a third of the time left: it gives up (and
-    # stops writing retries) before the deadline; ``_before`` bounds it in any case.
+    # stops writing retries) before the deadline; ``call_before`` bounds it in any case.
     try:
-        return _before(
+        return call_before(
             deadline,
             lambda: TCPStore(
-                peers.addr, peers.port, None, False, timedelta(seconds=_left(deadline, 3) / 3), wait_for_workers=False
+                peers.addr,
+                peers.port,
+                None,
+                False,
+                timedelta(seconds=time_left(deadline, 3) / 3),
+                wait_for_workers=False,
             ),
         )
     except (TimeoutError, RuntimeError) as exc:
         raise RendezvousError(
             f"{peers.who} reached {peers.addr}:{peers.port}, but no main process of this run answered there "
-            f"within {timeout:g} s ({_first_line(exc)}): check the main address ({ADDRESS_HINT}) and port "
+            f"within {timeout:g} s ({first_line(exc)}): check the main address ({ADDRESS_HINT}) and port "
             f"(another service may use port {peers.port}); {PREFLIGHT}"
         ) from None
 
@@ -286,84 +287,3 @@ def _resolve(peers: Peers) -> str:
             f"{peers.who}: the main address '{peers.addr}' does not resolve ({exc.strerror or exc}); set it to "
             f"the first node's name or IP ({ADDRESS_HINT}); {PREFLIGHT}"
         ) from None
-
-
-def _left(deadline: float, at_least: float) -> float:
-    return max(at_least, deadline - time.monotonic())
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _before(deadline: float, make):
-    """``make()`` in a thread, waited for until ``deadline`` (torch's store client retries past its timeout)."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = make()
-        except Exception as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, name="store-connect", daemon=True)
-    thread.start()
-    thread.join(_left(deadline, 0.1))
-    if thread.is_alive():
-        raise TimeoutError("no answer")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
-class _Signalled(Exception):
-    def __init__(self, signum: int) -> None:
-        self.name = signal.Signals(signum).name
-        super().__init__(self.name)
-
-
-def _raise_signalled(signum: int, frame) -> None:
-    raise _Signalled(signum)
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """While waiting, SIGTERM/SIGINT (a scheduler ending the job step) end the wait with the one line."""
-    old = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-def _see(debug_log: Path) -> str:
-    """Where torch's own messages went, if it wrote any."""
-    try:
-        return f" (torch's messages: {debug_log})" if debug_log.stat().st_size else ""
-    except OSError:
-        return ""
-
-
-@contextmanager
-def _torch_output_to_debug_log(peers: Peers) -> Iterator[Path]:
-    """Send what torch's C++ code writes to stderr (retries, stack dumps) to a file, not the terminal.
-
-    Yields the file's path; it is removed again if nothing was written.
-    """
-    import sys
-
-    path = Path(tempfile.gettempdir()) / f"mnist-dist-rendezvous-{peers.node}-{os.getpid()}.log"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 2)
-    os.close(fd)
-    try:
-        yield path
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        if path.stat().st_size == 0:
-            path.unlink(missing_ok=True)
