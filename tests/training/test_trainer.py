@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mnist_dist.runs import load_weights
-from mnist_dist.training.trainer import LossMeter, Progress, Stopwatch
 
 from conftest import history, read_metrics, run_cli, train
 
@@ -213,33 +212,3 @@ def test_validation_split_replaces_the_test_set(tmp_path, data_dir):
     assert (metrics["eval_split"], metrics["val_total"]) == ("val", 5000)
     assert not any(key.startswith("test_") for key in metrics)
     assert "val accuracy:" in proc.stdout
-
-
-def test_the_loss_meter_sums_intervals_into_epochs():
-    meter = LossMeter(torch.device("cpu"))
-    for loss in (1.0, 3.0):
-        meter.add(torch.tensor(loss))
-    assert meter.interval_mean().item() == 2.0
-    meter.end_interval()
-    meter.add(torch.tensor(5.0))
-    state = meter.state_dict()
-    assert state == {"interval_loss": 5.0, "interval_steps": 1, "epoch_loss": 4.0, "epoch_steps": 2}
-    restored = LossMeter(torch.device("cpu"))
-    restored.load_state_dict(state)
-    assert restored.end_epoch().item() == 3.0  # (1 + 3 + 5) / 3
-    assert restored.state_dict() == {"interval_loss": 0.0, "interval_steps": 0, "epoch_loss": 0.0, "epoch_steps": 0}
-
-
-def test_the_stopwatch_counts_training_and_not_its_pauses():
-    import time
-
-    progress = Progress(train_seconds=1.0)
-    clock = Stopwatch(progress)
-    clock.start()
-    time.sleep(0.05)
-    with clock.paused():  # a checkpoint being written
-        time.sleep(0.2)
-    time.sleep(0.05)
-    clock.stop()
-    clock.stop()  # stopping twice counts nothing more
-    assert 1.09 < progress.train_seconds < 1.2
