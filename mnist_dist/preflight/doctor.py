@@ -18,6 +18,7 @@ from typing import Any
 from ..config import FIELDS, Config, global_batch_size
 from ..runs import DOCTOR_FILE
 from . import verdicts
+from .collectives import check_collectives
 from .facts import FAIL, OK, Check, local_facts, sees_token, wandb_plan, write_token
 
 DOCTOR_TIMEOUT = 60  # seconds to meet the others, unless rendezvous_timeout is set
@@ -49,9 +50,7 @@ def run_doctor(cfg: Config, report: str | None = None) -> int:
     setup_logging(accelerator.is_main_process)
     joined = time.monotonic() - start
     facts["sees_token"] = _sees_main_token(cfg, accelerator)
-    comm, figures = verdicts.collectives(
-        accelerator, cfg.hidden_sizes, global_batch_size(cfg, accelerator.num_processes)
-    )
+    comm, figures = check_collectives(accelerator, cfg.hidden_sizes, global_batch_size(cfg, accelerator.num_processes))
     from accelerate.utils import gather_object
 
     everyone = sorted(gather_object([facts]), key=lambda f: f["rank"])
