@@ -13,24 +13,8 @@ pytestmark = pytest.mark.multiprocess
 
 
 def test_single_node_script_runs_cpu_processes_without_slurm(tmp_path, data_dir):
-    env = {**os.environ, "PROCS_PER_NODE": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("SLURM_JOB_ID", None)
-    proc = subprocess.run(
-        [
-            "bash",
-            str(REPO / "launch/single_node.sbatch"),
-            "--max-steps",
-            "20",
-            "--data-dir",
-            str(data_dir),
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
+    proc = run_single_node_script(
+        launch_env(tmp_path, PROCS_PER_NODE="2"), data_dir, tmp_path / "run", "--max-steps", "20"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run/metrics.json")
@@ -131,6 +115,12 @@ def launch_env(tmp_path: Path, nvidia_smi: str | None = None, **extra: str) -> d
     return env
 
 
+def run_single_node_script(env: dict[str, str], data_dir, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """launch/single_node.sbatch run with bash outside SLURM, as on a workstation."""
+    script = [str(REPO / "launch/single_node.sbatch"), *args, "--data-dir", str(data_dir), "--output-dir", str(run_dir)]
+    return subprocess.run(["bash", *script], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+
+
 def source_common(env: dict[str, str]) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
     """Source _common.sh under `set -euo pipefail` as the job scripts do; return what it chose."""
     script = (
@@ -199,25 +189,7 @@ def test_the_gpu_path_with_empty_device_args_runs_under_set_u(tmp_path, data_dir
     """nvidia-smi lists two GPUs (this machine has none): DEVICE_ARGS and JOB_STEP are empty, and the
     script still launches two processes, which train on the CPU since CUDA is not there."""
     env = launch_env(tmp_path, NVIDIA_SMI["two GPUs"], OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [
-            "bash",
-            str(REPO / "launch/single_node.sbatch"),
-            "--max-steps",
-            "10",
-            "--tracker",
-            "none",
-            "--data-dir",
-            str(data_dir),
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
+    proc = run_single_node_script(env, data_dir, tmp_path / "run", "--max-steps", "10", "--tracker", "none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mnist-dist: 1 node, 2 process(es), 2 GPU(s)" in proc.stdout
     assert read_metrics(tmp_path / "run/metrics.json")["world_size"] == 2
