@@ -86,6 +86,27 @@ def train_args(data_dir: Path, run_dir: Path) -> list[str]:
     ]
 
 
+def submit_training_on_two_nodes(cluster, data_dir, run_dir: Path, out_dir: Path) -> tuple[int, Path]:
+    """Submit multi_node.sbatch on both nodes and return once it trains: (job id, output file)."""
+    job_id, output_file = submit(cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, run_dir), out_dir)
+    wait_until(
+        lambda: output_file.exists() and "samples/s" in output_file.read_text(),
+        JOB_TIMEOUT,
+        "the job to start training",
+    )
+    return job_id, output_file
+
+
+def wait_requeued(cluster, job_id: int) -> None:
+    """Wait until the job is back in the queue after a requeue."""
+
+    def requeued() -> bool:
+        out = cluster.run("scontrol", "--oneliner", "show", "job", str(job_id)).stdout
+        return "Restarts=1" in out and "JobState=PENDING" in out
+
+    wait_until(requeued, 120, "the job to be requeued")
+
+
 @pytest.fixture(scope="module")
 def multi_node_run(slurm_cluster, data_dir, tmp_path_factory):
     """An uninterrupted multi_node.sbatch job on both nodes: (job fields, output, run directory)."""
@@ -113,22 +134,10 @@ def test_multi_node_job_trains_on_both_nodes(multi_node_run):
 
 def test_signalled_job_requeues_resumes_and_ends_as_if_never_stopped(slurm_cluster, multi_node_run, data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    job_id, output_file = submit(
-        slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, run_dir), tmp_path
-    )
-    wait_until(
-        lambda: output_file.exists() and "samples/s" in output_file.read_text(),
-        JOB_TIMEOUT,
-        "the job to start training",
-    )
+    job_id, output_file = submit_training_on_two_nodes(slurm_cluster, data_dir, run_dir, tmp_path)
     # What SLURM sends before the time limit (#SBATCH --signal=USR1@120), now.
     slurm_cluster.run("scancel", "--signal=USR1", str(job_id))
-
-    def requeued() -> bool:
-        out = slurm_cluster.run("scontrol", "--oneliner", "show", "job", str(job_id)).stdout
-        return "Restarts=1" in out and "JobState=PENDING" in out
-
-    wait_until(requeued, 120, "the job to be requeued")
+    wait_requeued(slurm_cluster, job_id)
     # SLURM holds a requeued job for about two minutes (its BeginTime); let it start now.
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     job, output = wait_completed(slurm_cluster, job_id, output_file)
@@ -168,21 +177,9 @@ def test_launcher_alone_signalled_then_requeued_onto_fewer_nodes(slurm_cluster, 
     import signal
 
     run_dir = tmp_path / "run"
-    job_id, output_file = submit(
-        slurm_cluster, "multi_node.sbatch", ["--nodes=2"], train_args(data_dir, run_dir), tmp_path
-    )
-    wait_until(
-        lambda: output_file.exists() and "samples/s" in output_file.read_text(),
-        JOB_TIMEOUT,
-        "the job to start training",
-    )
+    job_id, output_file = submit_training_on_two_nodes(slurm_cluster, data_dir, run_dir, tmp_path)
     os.kill(launcher_of_node(slurm_cluster, 1), signal.SIGUSR1)
-
-    def requeued() -> bool:
-        out = slurm_cluster.run("scontrol", "--oneliner", "show", "job", str(job_id)).stdout
-        return "Restarts=1" in out and "JobState=PENDING" in out
-
-    wait_until(requeued, 120, "the job to be requeued")
+    wait_requeued(slurm_cluster, job_id)
     # A node is lost meanwhile; the requeued job is let run on fewer nodes (1 to 2 of them).
     slurm_cluster.run("scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=lost")
     try:
