@@ -35,7 +35,7 @@ def call_before(deadline: float, make):
         except Exception as exc:
             result["error"] = exc
 
-    thread = threading.Thread(target=run, name="store-connect", daemon=True)
+    thread = threading.Thread(target=run, name="bounded-call", daemon=True)
     thread.start()
     thread.join(time_left(deadline, 0.1))
     if thread.is_alive():

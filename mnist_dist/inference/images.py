@@ -1,6 +1,6 @@
 """Read any image a user has into grayscale and alpha: a file, its bytes, a PIL image, an array or a tensor.
 
-- a file's first frame (animated GIF, multi-page TIFF), fully loaded and closed after;
+- a file's first frame (of an animated GIF, say), fully loaded and the file closed after;
 - turned upright as its EXIF orientation says (malformed EXIF is ignored);
 - any Pillow mode (1, L, P, RGB, RGBA, CMYK, LAB, La, 16-bit, 32-bit float, ...) read as
   8-bit grayscale plus an alpha channel, high bit depths scaled by their bit depth;
