@@ -45,6 +45,10 @@ class LossMeter:
         self.interval.zero_()
         self.interval_steps = 0
 
+    def epoch_mean(self) -> torch.Tensor:
+        """The mean loss of the epoch so far (this rank's), leaving every sum as it is."""
+        return (self.epoch + self.interval) / max(self.epoch_steps + self.interval_steps, 1)
+
     def end_epoch(self) -> torch.Tensor:
         """The epoch's mean loss (this rank's); all sums start again at zero."""
         self.end_interval()

@@ -153,7 +153,9 @@ class Trainer:
                 break
         self.clock.stop()
         self.display.end_epoch()
-        return self._share(self.losses.end_epoch())
+        # A step limit inside the epoch leaves it open: a larger limit later continues it exactly.
+        finished_epoch = p.batch >= len(loader)
+        return self._share(self.losses.end_epoch() if finished_epoch else self.losses.epoch_mean())
 
     def _evaluate(self) -> EvalResult:
         start = time.perf_counter()
@@ -167,12 +169,14 @@ class Trainer:
         p, split = self.progress, self.parts.split
         epoch_start = time.perf_counter()
         train_loss, signum = self._train_epoch()
-        p.epoch += 1
-        p.batch = 0
+        batches = len(self.parts.train_loader)
+        if p.batch >= batches:
+            p.epoch += 1
+            p.batch = 0
         result = self._evaluate()
         log.info(
-            "epoch %d/%d: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
-            p.epoch,
+            "epoch %s/%d: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
+            f"{p.epoch + 1} ({p.batch} of {batches} batches)" if p.batch else p.epoch,
             self.cfg.epochs,
             train_loss,
             split,
@@ -185,7 +189,7 @@ class Trainer:
         self.tracker.log_epoch(
             p.step,
             {
-                "epoch": p.epoch,
+                "epoch": p.epoch + p.batch / batches,  # fractional after a step limit inside an epoch
                 "train/epoch_loss": train_loss,
                 f"{split}/accuracy": result.accuracy,
                 f"{split}/loss": result.loss,

@@ -443,3 +443,27 @@ def test_rank_state_of_another_world_size_keeps_the_mean(tmp_path):
         )
     mean = _mean_rank_state(tmp_path, 3)
     assert mean == {"interval_loss": 3.0, "interval_steps": 4, "epoch_loss": 30.0, "epoch_steps": 9}
+
+
+# -- a run continued with a larger step limit ---------------------------------------------
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("recipe,processes", [("reference", 1), ("shuffled", 2)])
+def test_a_raised_step_limit_continues_exactly(recipe, processes, data_dir, tmp_path):
+    """300 (mid-epoch) -> 938 (an epoch's end) -> 1000 steps ends bit-identical to 1000 steps straight,
+    and the history logs every step once (938 steps an epoch with batch 64)."""
+    extra = ["--shuffle"] if recipe == "shuffled" else []
+    run, straight = tmp_path / "raised", tmp_path / "straight"
+    for limit in (300, 938, 1000):
+        proc = run_cli(train_args(data_dir, run, "--max-steps", str(limit), "--log-every", "50", *extra), processes)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert read_metrics(run / "metrics.json")["steps"] == limit
+    at = read_state(complete_checkpoints(run)[-1])["progress"]
+    assert (at["step"], at["epoch"], at["batch"]) == (1000, 1, 62)
+    proc = run_cli(train_args(data_dir, straight, "--max-steps", "1000", "--log-every", "50", *extra), processes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(run / "model.safetensors", straight / "model.safetensors")
+    steps = [r["step"] for r in history(run) if r["kind"] == "step"]
+    assert steps == [r["step"] for r in history(straight) if r["kind"] == "step"] == list(range(50, 1001, 50))
+    assert read_metrics(run / "metrics.json")["test_correct"] == read_metrics(straight / "metrics.json")["test_correct"]
