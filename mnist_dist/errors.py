@@ -28,6 +28,10 @@ class RunDirError(UserError, OSError):
     """The run directory cannot be used; the message says why and what to do."""
 
 
+class RunDirBusyError(RunDirError):
+    """Another run holds the run directory's lock; the message names it."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file the command needs (weights, a run directory's model) does not exist."""
 

@@ -62,8 +62,9 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
 
 
-def launch_command(args: list[str], processes: int = 1) -> list[str]:
-    """``python -m ARGS`` for one process, or ``accelerate launch`` of it with N CPU processes."""
+def launch_command(args: list[str], processes: int = 1, port: int | None = None) -> list[str]:
+    """``python -m ARGS`` for one process, or ``accelerate launch`` of it with N CPU processes
+    (meeting on ``port``, if given, so that two jobs can run side by side)."""
     if processes == 1:
         return [sys.executable, "-m", *args]
     config = str(REPO / "configs/accelerate/cpu.yaml")
@@ -73,6 +74,7 @@ def launch_command(args: list[str], processes: int = 1) -> list[str]:
         "accelerate.commands.launch",
         "--config_file",
         config,
+        *(["--main_process_port", str(port)] if port else []),
         "--num_processes",
         str(processes),
         "--num_cpu_threads_per_process",
@@ -82,9 +84,9 @@ def launch_command(args: list[str], processes: int = 1) -> list[str]:
     ]
 
 
-def run_cli(args: list[str], processes: int = 1, timeout: float = 300, env: dict | None = None):
+def run_cli(args: list[str], processes: int = 1, timeout: float = 300, env: dict | None = None, port=None):
     """Run ``python -m ARGS`` in one process, or under ``accelerate launch`` with N CPU processes."""
-    cmd = launch_command(args, processes)
+    cmd = launch_command(args, processes, port)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
 
@@ -103,6 +105,56 @@ def train(out: Path, data_dir, *extra: str, processes: int = 1):
         *extra,
     ]
     return run_cli(args, processes=processes)
+
+
+def start(args: list[str], processes: int, env: dict | None = None, port: int | None = None) -> subprocess.Popen:
+    """Start a run (in a session of its own, as a job's processes would be)."""
+    return subprocess.Popen(
+        launch_command(args, processes, port),
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
+    """Lines of the run's output up to the first one holding ``marker`` (training is under way)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError("the run ended before printing " + repr(marker) + ":\n" + "".join(lines)[-3000:])
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (torch's launcher starts each worker in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """The SHA-256 of every file under ``root``, by relative path: what a command must leave unchanged."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def read_metrics(path: Path) -> dict:

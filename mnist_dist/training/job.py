@@ -14,7 +14,8 @@ from typing import Any
 from .. import runs
 from ..config import Config, per_process_batch_size, save_config
 from ..distributed.runtime import build_accelerator, setup_logging, world_size_from_env
-from ..errors import Stopped
+from ..errors import RunDirBusyError, Stopped
+from ..runlock import RunLock
 from ..tracking.tracker import Tracker, run_config
 from ..tracking.wandb_run import accelerator_log_with
 from .build import build
@@ -52,12 +53,40 @@ def _write_results(accelerator, run_dir: Path, model, metrics: dict[str, Any]) -
     )
 
 
+def _lock_run_dir(accelerator, run_dir: Path) -> RunLock | None:
+    """The main process takes the run directory's lock; every rank learns whether it could (one broadcast)."""
+    lock, problem = None, [None]
+    if accelerator.is_main_process:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RunDirBusyError as exc:
+            lock, problem = None, [str(exc)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem)
+    if problem[0] is not None:
+        raise RunDirBusyError(problem[0])
+    return lock
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    """The whole job: check the run directory, train (or resume), write config, metrics and weights."""
+    """The whole job: lock the run directory, train (or resume), write config, metrics and weights."""
     per_process_batch_size(cfg, world_size_from_env())  # fail before any process group work
     run_dir = runs.prepare_run_dir(cfg.output_dir)
     accelerator = build_accelerator(cfg, log_with=accelerator_log_with(cfg.tracker))
     setup_logging(accelerator.is_main_process)
+    lock = _lock_run_dir(accelerator, run_dir)  # before anything in run_dir is read or written
+    try:
+        return _train(cfg, accelerator, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, accelerator, run_dir: Path) -> dict[str, Any]:
+    """Resume or start, train, and write the results, on every rank."""
     resume_from, resumed = _resume_point(cfg, accelerator, run_dir)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / runs.CONFIG_FILE)

@@ -125,3 +125,47 @@ def test_a_killed_rank_ends_the_whole_job_quickly(tmp_path, data_dir):
     time.sleep(1)
     leftover = [p for p in ranks if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()]
     assert not leftover
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_second_command_on_a_run_directory_in_use_ends_at_once_touching_nothing(processes, tmp_path, data_dir):
+    """A resubmitted job while the first still runs: one line naming the holder; the first ends as if alone."""
+    import os
+    import signal
+
+    from conftest import file_digests, history, process_tree, read_until, start
+    from wandb_files import offline_runs
+
+    run = tmp_path / "run"
+    args = [
+        "mnist_dist.train",
+        *("--config", "configs/train/reference.yaml", "--cpu", "--max-steps", "1200", "--log-every", "50"),
+        *("--checkpoint-every", "300", "--data-dir", str(data_dir), "--output-dir", str(run)),
+    ]
+    first = start(args, processes)
+    lines = read_until(first, "samples/s")
+    tree = process_tree(first.pid)
+    for pid in tree:  # hold the first still, so that any byte the second writes would show
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        before = file_digests(run)
+        second = run_cli(args, processes, port=29517, timeout=120)
+        after = file_digests(run)
+    finally:
+        for pid in tree:
+            os.kill(pid, signal.SIGCONT)
+    output = "".join(lines) + first.communicate(timeout=300)[0]
+    assert first.returncode == 0, output[-3000:]
+    errors = sorted({line for line in second.stderr.splitlines() if line.startswith("Error:")})
+    assert second.returncode == 1 and len(errors) == 1, second.stderr[-3000:]
+    holder = int(errors[0].split("(pid ")[1].split()[0])
+    assert "is in use by another run" in errors[0] and holder in tree, errors
+    frames = [line for line in second.stderr.splitlines() if line.strip().startswith("File ")]
+    assert not [f for f in frames if "mnist_dist" in f]  # the launcher's own report may follow; ours is one line
+    assert "Traceback" not in second.stderr or processes > 1
+    assert after == before  # the second command wrote nothing, removed nothing
+    steps = [r["step"] for r in history(run) if r["kind"] == "step"]
+    assert steps == list(range(50, 1201, 50))  # the first run's history: every step once
+    assert len(offline_runs(run)) == 1  # one wandb run
+    assert not (run / ".lock").exists()  # released at the end

@@ -23,7 +23,7 @@ from mnist_dist.runs import checkpoints_dir, load_weights
 from mnist_dist.training.integrity import complete_checkpoints, read_state
 from mnist_dist.training.resume import _mean_rank_state, check_compatible, resolve
 
-from conftest import REPO, assert_continues, history, launch_command, read_metrics, run_cli
+from conftest import REPO, assert_continues, history, process_tree, read_metrics, read_until, run_cli, start
 
 # Long enough to be stopped mid-epoch (938 steps per epoch on one process) and to cross an epoch end.
 STEPS = 2500
@@ -48,45 +48,6 @@ def train_args(data_dir, out: Path, *extra: str, recipe=REFERENCE) -> list[str]:
         str(out),
         *extra,
     ]
-
-
-def start(args: list[str], processes: int, env: dict | None = None) -> subprocess.Popen:
-    """Start a run (in a session of its own, as a job's processes would be)."""
-    return subprocess.Popen(
-        launch_command(args, processes),
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )
-
-
-def read_until(proc: subprocess.Popen, marker: str) -> list[str]:
-    """Lines of the run's output up to the first one holding ``marker`` (training is under way)."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if marker in line:
-            return lines
-    raise AssertionError("the run ended before printing " + repr(marker) + ":\n" + "".join(lines)[-3000:])
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (torch's launcher starts each worker in a session of its own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    return tree
 
 
 def untimed(metrics: dict) -> dict:
