@@ -68,6 +68,10 @@ class ServeError(UserError, RuntimeError):
     """The server cannot start (a busy port, a missing package); the message says what to do."""
 
 
+class OutputPathError(UserError, ValueError):
+    """An ``--output`` that would overwrite a run's own file or the command's input, or is a directory."""
+
+
 class Stopped(Exception):
     """Training stopped on a signal after saving a checkpoint: not an error, exit status 128 + the signal."""
 

@@ -90,14 +90,17 @@ def evaluate(model: torch.nn.Module, loader, accelerator) -> EvalResult:
 
 
 def run_evaluation(cfg, weights: str, output: str | None = None) -> dict[str, Any]:
-    """Evaluate saved weights on the test split (any number of processes); optionally write JSON."""
-    from pathlib import Path
+    """Evaluate saved weights on the test split (any number of processes); optionally write JSON.
 
+    ``output`` is checked first: never the weights evaluated, nor a file of a run directory
+    (:func:`~mnist_dist.runs.check_output`); it is written atomically, by the main process.
+    """
     from .data.loaders import load_datasets, make_loader
     from .distributed.runtime import build_accelerator, setup_logging
     from .model import MLP, hidden_sizes_from_state_dict
-    from .runs import load_weights, write_json
+    from .runs import check_output, load_weights, weights_file, write_json
 
+    target = check_output(output, (weights_file(weights),), example="eval.json") if output else None
     state = load_weights(weights)
     model = MLP(hidden_sizes_from_state_dict(state))
     model.load_state_dict(state)
@@ -115,9 +118,9 @@ def run_evaluation(cfg, weights: str, output: str | None = None) -> dict[str, An
     model = accelerator.prepare_model(model, evaluation_mode=True)
     result = evaluate(model, loader, accelerator)
     metrics = {**result.metrics(detailed=True), "world_size": accelerator.num_processes, "weights": str(weights)}
-    if output and accelerator.is_main_process:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(output), metrics)
+    if target and accelerator.is_main_process:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_json(target, metrics)
     accelerator.print(f"test accuracy: {100 * result.accuracy:.2f}% ({result.correct}/{result.total})")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the process group: no rank exits with a collective in flight

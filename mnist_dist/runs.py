@@ -25,7 +25,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MissingFileError, RunDirError, WeightsChangedError, WeightsError
+from .errors import MissingFileError, OutputPathError, RunDirError, WeightsChangedError, WeightsError
+from .runlock import LOCK_DIR
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +60,19 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
             "pass a writable directory with --output-dir"
         ) from None
     return run_dir
+
+
+def file_mode() -> int:
+    """The permissions a new file gets here (0o666 less the umask), read without changing the umask."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -169,3 +183,77 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{p} is not a safetensors weights file ({exc})") from None
+
+
+# --- what a command may write: never a run's own file, nor the file it reads -------------------
+
+# The files a run directory owns, and what each is to it (said when an --output names one).
+RUN_FILES = {
+    WEIGHTS_FILE: "the run's own weights file",
+    METRICS_FILE: "the run's metrics and weights checksum",
+    CONFIG_FILE: "the run's config",
+    HISTORY_FILE: "the run's history",
+    MISCLASSIFIED_FILE: "the run's misclassified digits",
+    DOCTOR_FILE: "the run's preflight report",
+    CURVES_FILE: "a picture of the run's report",
+    CONFUSION_FILE: "a picture of the run's report",
+    GRID_FILE: "a picture of the run's report",
+    LOCK_DIR: "the run's lock",
+}
+RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, HISTORY_FILE, CHECKPOINTS_DIR)  # any one makes a run directory
+RUN_SUBDIRS = (CHECKPOINTS_DIR, "wandb")  # everything under these belongs to the run
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run directory: it holds a run's metrics, config, history or checkpoints."""
+    return path.is_dir() and any((path / name).exists() for name in RUN_MARKERS)
+
+
+def _run_owning(path: Path) -> tuple[Path, str] | None:
+    """``(run directory, what the file is to it)`` when a run owns ``path``; None when none does."""
+    if path.name in RUN_FILES and is_run_dir(path.parent):
+        return path.parent, RUN_FILES[path.name]
+    for above in path.parents:
+        if above.name in RUN_SUBDIRS and is_run_dir(above.parent):
+            return above.parent, f"inside the run's {above.name}/ directory"
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or (both existing) a hard link."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): then they are not one file
+        return False
+
+
+def check_output(
+    output: str | os.PathLike,
+    inputs: tuple[str | os.PathLike, ...] = (),
+    what: str = "--output",
+    example: str = "output.json",
+) -> Path:
+    """``output`` as a Path, once it is sure that writing it destroys nothing.
+
+    Refused, with an :class:`~mnist_dist.errors.OutputPathError` that names a path to use
+    instead (``example`` in the same directory): a directory; a file a run directory owns
+    (``RUN_FILES``, or anything under its ``checkpoints/`` or ``wandb/``); any of ``inputs``.
+    """
+    path = Path(output)
+    if path.is_dir():
+        raise OutputPathError(f"{what} {path} is a directory; name a file in it, e.g. {what} {path / example}")
+    owner = _run_owning(Path(os.path.normpath(path))) or _run_owning(path.resolve())
+    if owner:
+        run, role = owner
+        raise OutputPathError(
+            f"{what} {path} is {role} ({run} is a run directory); write it elsewhere, e.g. {what} {run / example}"
+        )
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise OutputPathError(
+                f"{what} {path} is the file this command reads ({source}); "
+                f"write it elsewhere, e.g. {what} {path.parent / example}"
+            )
+    return path

@@ -110,3 +110,72 @@ def test_the_writability_probe_never_touches_another_nodes_probe(tmp_path):
     prepare_run_dir(tmp_path)
     assert others.read_bytes() == b"theirs"
     assert [p.name for p in tmp_path.iterdir()] == [others.name]
+
+
+# --- check_output: nothing a command writes overwrites a run's file or its own input ----------
+
+
+def _full_run(run_dir):
+    """A run directory with every kind of file a run owns, and a checkpoint."""
+    _run_with_weights(run_dir)
+    for name in ("config.yaml", "history.jsonl", "misclassified.safetensors", "doctor.json"):
+        (run_dir / name).write_text("x\n")
+    (run_dir / "checkpoints/step-00000001").mkdir(parents=True)
+    (run_dir / "checkpoints/step-00000001/trainer_state.json").write_text("{}\n")
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "name, role",
+    [
+        ("model.safetensors", "the run's own weights file"),
+        ("metrics.json", "the run's metrics and weights checksum"),
+        ("config.yaml", "the run's config"),
+        ("history.jsonl", "the run's history"),
+        ("misclassified.safetensors", "the run's misclassified digits"),
+        ("doctor.json", "the run's preflight report"),
+        ("checkpoints/step-00000001/model.safetensors", "inside the run's checkpoints/ directory"),
+        ("checkpoints/step-00000001/trainer_state.json", "inside the run's checkpoints/ directory"),
+    ],
+)
+def test_check_output_refuses_every_file_a_run_owns(tmp_path, name, role):
+    from mnist_dist.errors import OutputPathError, UserError
+    from mnist_dist.runs import check_output
+
+    run = _full_run(tmp_path / "exp")
+    with pytest.raises(OutputPathError) as info:
+        check_output(run / name, example="model.pt")
+    message = str(info.value)
+    assert message == (
+        f"--output {run / name} is {role} ({run} is a run directory); write it elsewhere, e.g. --output {run}/model.pt"
+    )
+    assert "\n" not in message and isinstance(info.value, (UserError, ValueError))
+
+
+def test_check_output_refuses_the_input_by_any_name(tmp_path):
+    """The same path, the same path spelt another way, a symlink, a hard link: all one file."""
+    from mnist_dist.errors import OutputPathError
+    from mnist_dist.runs import check_output
+
+    weights = tmp_path / "loose.safetensors"
+    weights.write_bytes(b"weights")
+    (tmp_path / "link.pt").symlink_to(weights)
+    os.link(weights, tmp_path / "hard.pt")
+    (tmp_path / "sub").mkdir()
+    for output in (weights, tmp_path / "sub/../loose.safetensors", tmp_path / "link.pt", tmp_path / "hard.pt"):
+        with pytest.raises(OutputPathError, match=rf"is the file this command reads \({weights}\); write it"):
+            check_output(output, (weights,), example="model.pt")
+    assert weights.read_bytes() == b"weights"
+
+
+def test_check_output_refuses_a_directory_and_allows_new_files_anywhere_else(tmp_path):
+    from mnist_dist.errors import OutputPathError
+    from mnist_dist.runs import check_output
+
+    run = _full_run(tmp_path / "exp")
+    with pytest.raises(OutputPathError, match=rf"--output {run} is a directory; name a file in it, e.g. "):
+        check_output(run, example="eval.json")
+    (tmp_path / "loose").mkdir()  # a folder with weights alone is no run directory
+    (tmp_path / "loose/model.safetensors").write_bytes(b"w")
+    for allowed in (run / "eval.json", run / "model.pt", tmp_path / "loose/model.safetensors", tmp_path / "new/x.json"):
+        assert check_output(str(allowed), (run / "model.safetensors",)) == allowed

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ExportError
+from ..errors import ExportError, OutputPathError
 from ..model import MLP
-from ..runs import atomic_write_bytes, weights_file
+from ..runs import atomic_write_bytes, check_output, weights_file
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
+# The file names each format is written under: `run_exported` tells them apart by the suffix.
+SUFFIXES = {"torchscript": (".pt", ".ts", ".torchscript"), "onnx": (".onnx",)}
 # torch.onnx.export (the torch.export-based exporter, the default since torch 2.9) needs these.
 ONNX_PACKAGES = ("onnx", "onnxscript")
 TOLERANCE = 1e-4  # float32 round-off between runtimes, far below any change of prediction
@@ -28,6 +30,22 @@ TOLERANCE = 1e-4  # float32 round-off between runtimes, far below any change of 
 def default_output(weights: str | os.PathLike, fmt: str) -> Path:
     """Where an export goes unless told otherwise: beside the weights, e.g. ``model.pt``."""
     return weights_file(weights).with_suffix(FORMATS[fmt])
+
+
+def check_suffix(output: Path, fmt: str) -> None:
+    """Refuse an output whose suffix is not one of format ``fmt``'s (a .onnx file of TorchScript)."""
+    suffix = output.suffix.lower()
+    if suffix in SUFFIXES[fmt]:
+        return
+    named = f"ends in {output.suffix!r}" if output.suffix else "has no suffix"
+    other = [f for f, suffixes in SUFFIXES.items() if suffix in suffixes]
+    switch = f", or use --format {other[0]}" if other else ""
+    *first, last = SUFFIXES[fmt]
+    listed = f"{', '.join(first)} or {last}" if first else last
+    raise OutputPathError(
+        f"--output {output} {named}, but {fmt} files end in {listed}; "
+        f"name it e.g. --output {output.with_suffix(FORMATS[fmt])}{switch}"
+    )
 
 
 def _example() -> torch.Tensor:
@@ -85,13 +103,20 @@ def export_onnx(model: MLP, output: Path) -> None:
 
 
 def export_model(weights: str | os.PathLike, fmt: str, output: str | os.PathLike | None = None) -> Path:
-    """Load ``weights`` and write them in format ``fmt`` (``torchscript`` or ``onnx``); return the file."""
+    """Load ``weights`` and write them in format ``fmt`` (``torchscript`` or ``onnx``); return the file.
+
+    The output is checked before anything is read or written: never the weights themselves
+    or another file of their run (:func:`~mnist_dist.runs.check_output`), and named with a
+    suffix of the format. It is written to a temporary file, then renamed.
+    """
     from .recognize import Recognizer
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    default = default_output(weights, fmt)
+    target = check_output(default if output is None else output, (weights_file(weights),), example=default.name)
+    check_suffix(target, fmt)
     model = Recognizer.load(weights).model
-    target = Path(output) if output is not None else default_output(weights, fmt)
     target.parent.mkdir(parents=True, exist_ok=True)
     (export_torchscript if fmt == "torchscript" else export_onnx)(model, target)
     return target

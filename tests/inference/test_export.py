@@ -87,3 +87,113 @@ def test_onnx_gives_the_same_logits_for_any_batch_size(weights):
     model = Recognizer.load(weights).model
     for n in (1, 7, 300):
         assert max_logit_difference(path, model, images(n)) < 1e-4
+
+
+# --- the output never overwrites the run's files or the weights read ------------------------
+
+RUN_TARGETS = [
+    "model.safetensors",
+    "metrics.json",
+    "config.yaml",
+    "history.jsonl",
+    "checkpoints/step-00000001/model.safetensors",
+]
+
+
+@pytest.fixture()
+def run_copy(trained_run_dir, tmp_path) -> Path:
+    """A copy of ``trained_run_dir`` with a config, a history and a checkpoint, as training leaves a run."""
+    import shutil
+
+    run = tmp_path / "exp"
+    shutil.copytree(trained_run_dir, run)
+    (run / "config.yaml").write_text("lr: 0.5\n")
+    (run / "history.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    (run / "checkpoints/step-00000001").mkdir(parents=True)
+    shutil.copy(run / "model.safetensors", run / "checkpoints/step-00000001/model.safetensors")
+    return run
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, by relative path (a new or missing file shows too)."""
+    from mnist_dist.runs import sha256_file
+
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(output: str) -> str:
+    lines = output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in output, output
+    return lines[0]
+
+
+@pytest.mark.parametrize("target", [*RUN_TARGETS, "loose weights"])
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_refuses_a_runs_files_and_its_input(run_copy, tmp_path, target, fmt):
+    loose = tmp_path / "loose.safetensors"
+    loose.write_bytes((run_copy / "model.safetensors").read_bytes())
+    weights, output = (loose, loose) if target == "loose weights" else (run_copy, run_copy / target)
+    before = digests(tmp_path)
+    result = CliRunner().invoke(main, ["export", "--weights", str(weights), "--format", fmt, "--output", str(output)])
+    assert result.exit_code == 1
+    line = assert_one_error_line(result.output)
+    assert f"--output {output} is " in line and "write it elsewhere, e.g. --output " in line
+    assert digests(tmp_path) == before
+
+
+def test_a_suffix_of_another_format_is_refused_before_anything_is_written(run_copy, tmp_path):
+    before, run_before = digests(tmp_path), digests(run_copy)
+    for fmt, output, hint in [
+        ("torchscript", "digits.onnx", "or use --format onnx"),
+        ("onnx", "digits.pt", "or use --format torchscript"),
+        ("torchscript", "digits.json", ""),
+        ("onnx", "digits", ""),
+    ]:
+        args = ["export", "--weights", str(run_copy), "--format", fmt, "--output", str(tmp_path / output)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1
+        line = assert_one_error_line(result.output)
+        assert f"{fmt} files end in" in line and line.endswith(hint) and "name it e.g. --output " in line
+        assert (f"ends in '{Path(output).suffix}'" if Path(output).suffix else "has no suffix") in line
+    assert digests(tmp_path) == before
+    assert export_model(run_copy, "torchscript", tmp_path / "digits.ts") == tmp_path / "digits.ts"  # a suffix it has
+    assert digests(run_copy) == run_before
+
+
+def test_the_export_command_refuses_a_runs_weights_end_to_end(run_copy):
+    """The real command line, in its own process: one line, exit status 1, the run untouched."""
+    from conftest import run_cli
+
+    before = digests(run_copy)
+    output = run_copy / "model.safetensors"
+    args = ["mnist_dist.cli", "export", "--weights", str(run_copy), "--format", "torchscript", "--output", str(output)]
+    proc = run_cli(args, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert assert_one_error_line(proc.stderr) == (
+        f"Error: --output {output} is the run's own weights file ({run_copy} is a run directory); "
+        f"write it elsewhere, e.g. --output {run_copy}/model.pt"
+    )
+    assert digests(run_copy) == before
+
+
+def test_a_failed_write_leaves_no_partial_file_and_no_temporary_file(weights, tmp_path, monkeypatch):
+    from mnist_dist.errors import RunDirError
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def half_written(model, args, path, **kwargs):
+        Path(path).write_bytes(b"half an onnx file")
+        raise RuntimeError("the exporter crashed")
+
+    monkeypatch.setattr(torch.onnx, "export", half_written)
+    with pytest.raises(ExportError, match="ONNX export failed"):
+        export_model(weights, "onnx", out / "model.onnx")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    with pytest.raises(RunDirError, match="No space left on device"):
+        export_model(weights, "torchscript", out / "model.pt")
+    assert list(out.iterdir()) == []
