@@ -36,8 +36,8 @@ class Config:
 
     # Data and run directory
     dataset: str = _opt("mnist", "Dataset to train on.", choices=("mnist", "fashion-mnist"))
-    data_dir: str = _opt("data", "Directory holding DATASET/raw/ (fetched there if missing).")
-    output_dir: str = _opt("runs/default", "Run directory: config, metrics, weights.")
+    data_dir: str = _opt("data", "Directory holding DATASET/raw/ (fetched there if missing).", nonempty=True)
+    output_dir: str = _opt("runs/default", "Run directory: config, metrics, weights.", nonempty=True)
     # Model
     hidden_sizes: tuple[int, ...] = _opt((256,), "Hidden layer widths, e.g. 256 or 512,256.", min=1, max=MAX_WIDTH)
     # Schedule and batches
@@ -250,6 +250,9 @@ def _number(name: str, value: Any) -> float:
 def _string(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"config key '{name}' must be a string, got {value!r}")
+    if FIELDS[name].metadata.get("nonempty") and not value.strip():
+        example = f"--{name.replace('_', '-')} {FIELDS[name].default}"
+        raise ConfigError(f"config key '{name}' must not be empty; give a directory, e.g. {example}")
     choices = FIELDS[name].metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"config key '{name}' must be one of {', '.join(choices)}; got {value!r}")
@@ -334,11 +337,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the merged config as YAML (loadable again with ``--config``)."""
+# Where a run is and how it continues, not what it trains: left out of a run's config.yaml, so
+# that the file passed back with --config trains the recipe again instead of pointing at that run.
+PLACE_KEYS = ("output_dir", "resume")
+RUN_CONFIG_HEADER = (
+    "# The merged config of this run, without output_dir and resume: passed back with --config,\n"
+    "# it trains the same recipe from the start into the --output-dir given with it.\n"
+)
+
+
+def save_config(cfg: Config, path: str | os.PathLike, of_run: bool = False) -> None:
+    """Write the merged config as YAML (loadable again with ``--config``), atomically.
+
+    ``of_run``: the copy kept in a run directory, without ``PLACE_KEYS``.
+    """
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .runs import atomic_write_bytes
+
+    data = {k: v for k, v in cfg.to_dict().items() if not (of_run and k in PLACE_KEYS)}
+    text = (RUN_CONFIG_HEADER if of_run else "") + yaml.safe_dump(data, sort_keys=False)
+    atomic_write_bytes(Path(path), text.encode())
 
 
 def per_process_batch_size(cfg: Config, world_size: int) -> int:

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,18 @@ def test_the_largest_values_allowed_work_where_they_are_used():
     assert timedelta(seconds=cfg.collective_timeout).total_seconds() == 604800
     with pytest.raises(ValueError):
         set_seed(cfg.seed + 1)  # what the bound prevents
+
+
+@pytest.mark.parametrize("key", ["output_dir", "data_dir"])
+def test_an_empty_directory_is_refused_naming_the_key(key):
+    with pytest.raises(ConfigError, match=f"config key '{key}' must not be empty; give a directory, e.g. --"):
+        build_config(None, {key: " "})
+
+
+def test_a_runs_config_file_repeats_the_recipe_not_the_run(tmp_path):
+    """config.yaml in a run directory leaves out where the run was and how it resumed."""
+    cfg = build_config(None, {"output_dir": "runs/exp", "resume": "runs/old", "lr": 0.1, "shuffle": True})
+    save_config(cfg, tmp_path / "config.yaml", of_run=True)
+    again = build_config(tmp_path / "config.yaml")
+    assert (again.output_dir, again.resume) == (Config().output_dir, "auto")
+    assert again == dataclasses.replace(cfg, output_dir=Config().output_dir, resume="auto")

@@ -154,19 +154,35 @@ def _to_fetch(spec: DatasetSpec, raw: Path, data_dir, replace_corrupt: bool, qui
 @contextmanager
 def _fetch_lock(raw: Path) -> Iterator[None]:
     """An exclusive lock on ``raw/.fetch.lock`` (flock: released if the holder dies), where the
-    filesystem supports it."""
+    filesystem supports it. The holder removes the file when done, fetched or not; a waiter that
+    then holds the lock of a removed file takes the lock anew."""
     import fcntl
 
-    with open(raw / ".fetch.lock", "a") as fh:
-        try:
+    path = raw / ".fetch.lock"
+    while True:
+        with open(path, "a") as fh:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process fetching into %s", raw)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as exc:  # e.g. ENOLCK on a filesystem without locks: go on unlocked
-            log.info("no lock on %s (%s); fetching without one", raw, exc.strerror or exc)
-        yield
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("waiting for another process fetching into %s", raw)
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+            except OSError as exc:  # e.g. ENOLCK on a filesystem without locks: go on unlocked
+                log.info("no lock on %s (%s); fetching without one", raw, exc.strerror or exc)
+            if not _same_file(fh, path):  # its holder removed it: this lock guards nothing
+                continue
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)  # while still holding the lock
+            return
+
+
+def _same_file(fh, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _fetch(spec: DatasetSpec, raw: Path, todo: list[IdxFile], data_dir: str | os.PathLike) -> None:

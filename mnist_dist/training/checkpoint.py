@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runs import STATE_FILE, checkpoints_dir, sha256_file
+from ..runs import STATE_FILE, checkpoints_dir, file_mode, sha256_file
 from .integrity import FORMAT, checkpoint_dirs, inspect, state_digest
 
 
@@ -94,7 +94,9 @@ def _replace(new: Path, final: Path) -> None:
 def _commit(tmp: Path, final: Path, state: dict[str, Any]) -> None:
     """Checksum every file, write the state file last, and move the checkpoint into place."""
     files = sorted(p for p in tmp.iterdir() if p.is_file())
-    for f in files:  # Accelerate does not fsync what it writes
+    mode = file_mode()
+    for f in files:  # Accelerate neither fsyncs what it writes nor gives its safetensors file the usual mode
+        os.chmod(f, mode)
         _fsync(f)
     manifest = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
     record = {**state, "format": FORMAT, "files": manifest}

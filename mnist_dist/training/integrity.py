@@ -155,15 +155,17 @@ def _settled_scan(run_dir: str | os.PathLike, looks: int = 4) -> list[Verdict]:
     return verdicts
 
 
+def sort_checkpoints(run_dir: str | os.PathLike) -> tuple[list[Path], list[Verdict]]:
+    """``(usable checkpoints, damaged ones)`` of a run directory, each oldest first."""
+    verdicts = _settled_scan(run_dir)
+    return [v.path for v in verdicts if v.ok], [v for v in verdicts if not v.ok]
+
+
 def complete_checkpoints(run_dir: str | os.PathLike, warn: bool = True) -> list[Path]:
     """The usable checkpoints of a run directory, oldest first; damaged ones are skipped with a warning."""
-    verdicts = _settled_scan(run_dir)
-    good = []
-    for verdict in verdicts:
-        if verdict.ok:
-            good.append(verdict.path)
-        elif warn:
-            log.warning("skipping checkpoint %s: %s", verdict.path, verdict.problem)
+    good, damaged = sort_checkpoints(run_dir)
+    for verdict in damaged if warn else ():
+        log.warning("skipping checkpoint %s: %s", verdict.path, verdict.problem)
     return good
 
 

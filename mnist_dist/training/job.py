@@ -89,7 +89,7 @@ def _train(cfg: Config, accelerator, run_dir: Path) -> dict[str, Any]:
     """Resume or start, train, and write the results, on every rank."""
     resume_from, resumed = _resume_point(cfg, accelerator, run_dir)
     if accelerator.is_main_process:
-        save_config(cfg, run_dir / runs.CONFIG_FILE)
+        save_config(cfg, run_dir / runs.CONFIG_FILE, of_run=True)
     tracker = Tracker(cfg, accelerator, run_dir)
     tracker.start(run_config(cfg, accelerator), resumed, resume_from)
     stop = StopFlags()

@@ -16,8 +16,8 @@ from typing import Any
 
 from ..config import Config, per_process_batch_size
 from ..errors import CheckpointError, ConfigError
-from ..runs import CHECKPOINTS_DIR, checkpoints_dir
-from .integrity import complete_checkpoints, inspect, read_state, scan, step_of
+from ..runs import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpoints_dir
+from .integrity import complete_checkpoints, inspect, read_state, sort_checkpoints, step_of
 
 log = logging.getLogger("mnist_dist")
 
@@ -51,18 +51,63 @@ FREE_TO_CHANGE = frozenset(
 LENGTH_KEYS = frozenset({"epochs", "max_steps"})
 
 
-def _newest_of_run(run_dir: Path, what: str) -> Path | None:
-    existing = complete_checkpoints(run_dir)
-    if not existing and scan(run_dir):
-        log.warning("%s holds checkpoints but none is usable (see above): %s", run_dir, what)
-    return existing[-1] if existing else None
+def _newest_of_run(run_dir: Path) -> Path | None:
+    """The newest usable checkpoint of ``run_dir`` (None if it has none); refused if every one is damaged."""
+    good, damaged = sort_checkpoints(run_dir)
+    if damaged and not good:
+        listed = "; ".join(f"{v.path.name}: {v.problem}" for v in damaged)
+        raise CheckpointError(
+            f"every checkpoint of {run_dir} is damaged ({listed}), so there is nothing to continue from; see "
+            f"mnist-dist checkpoints verify {run_dir}, and start afresh in another --output-dir"
+        )
+    for verdict in damaged:
+        log.warning("skipping checkpoint %s: %s", verdict.path, verdict.problem)
+    return good[-1] if good else None
+
+
+def changed_keys(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The keys of ``cfg`` that differ from a run's ``saved`` config and change its training mathematics."""
+    now, free = cfg.to_dict(), FREE_TO_CHANGE
+    if now["lr_schedule"] == "constant" and now["warmup_fraction"] == 0:
+        free = free | LENGTH_KEYS
+    return [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in free and saved.get(k) != now[k]]
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config a run in ``run_dir`` started with (its ``config.yaml``), if one did."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def refuse_overwriting(cfg: Config, run_dir: Path) -> None:
+    """Before a fresh start in ``run_dir``: refuse to overwrite a finished run, or to take over the
+    identity (history, wandb run) of a run with another config that ended before its first checkpoint."""
+    finished = [name for name in (WEIGHTS_FILE, METRICS_FILE) if (run_dir / name).exists()]
+    if finished:
+        raise CheckpointError(
+            f"{run_dir} holds a finished run ({', '.join(finished)}) and no checkpoint to continue it from; "
+            "a fresh start would overwrite it: train into another --output-dir"
+        )
+    saved = _saved_config(run_dir) if cfg.resume == "auto" else None
+    changed = changed_keys(saved, cfg) if saved is not None else []
+    if changed:
+        raise CheckpointError(
+            f"{run_dir} holds a run with a different config ({'; '.join(changed)}) that stopped before its "
+            "first checkpoint; repeat it with its values, start this one in another --output-dir, "
+            "or replace it with --resume none"
+        )
 
 
 def _requested(resume: str) -> Path:
     """The checkpoint ``--resume PATH`` names: a checkpoint, or the newest usable one of a run directory."""
     path = Path(resume)
     if (path / CHECKPOINTS_DIR).is_dir():
-        newest = _newest_of_run(path, "nothing to resume")
+        newest = _newest_of_run(path)
         if newest is None:
             raise CheckpointError(f"--resume {path}: that run directory has no usable checkpoint")
         return newest
@@ -95,8 +140,9 @@ def resolve(cfg: Config, run_dir: Path) -> Path | None:
                 f"continue that run with --resume auto, or start afresh in another --output-dir "
                 f"(or delete {checkpoints_dir(run_dir)})"
             )
+        refuse_overwriting(cfg, run_dir)
         return None
-    own = _newest_of_run(run_dir, "starting afresh" if cfg.resume == "auto" else "using --resume")
+    own = _newest_of_run(run_dir)
     chosen = own
     if cfg.resume != "auto":
         chosen = _requested(cfg.resume)
@@ -109,7 +155,9 @@ def resolve(cfg: Config, run_dir: Path) -> Path | None:
                 step_of(chosen),
             )
             chosen = own
-    if chosen is not None and read_state(chosen).get("format") == 1:  # verified already; format 1 had no checksums
+    if chosen is None:
+        refuse_overwriting(cfg, run_dir)
+    elif read_state(chosen).get("format") == 1:  # verified already; format 1 had no checksums
         log.info("note: checkpoint %s was written before checksums; it could only be checked by size", chosen)
     return chosen
 
@@ -152,11 +200,7 @@ def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, path: 
         except ConfigError as exc:
             raise CheckpointError(f"checkpoint {path} cannot continue on {world_size} processes: {exc}") from None
         note = f"checkpoint {path.name} was written by {written} process(es), continuing on {world_size}"
-    saved, now = state["config"], cfg.to_dict()
-    free = FREE_TO_CHANGE
-    if now["lr_schedule"] == "constant" and now["warmup_fraction"] == 0:
-        free = free | LENGTH_KEYS
-    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in free and saved.get(k) != now[k]]
+    changed = changed_keys(state["config"], cfg)
     if changed:
         raise CheckpointError(
             f"checkpoint {path} was written with a different config ({'; '.join(changed)}), which would change "

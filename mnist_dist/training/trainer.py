@@ -164,20 +164,17 @@ class Trainer:
         self.eval_seconds = time.perf_counter() - start
         return result
 
-    def _epoch(self) -> EvalResult:
-        """One epoch: train, evaluate, log; then stop, or save a checkpoint, as due."""
-        p, split = self.progress, self.parts.split
-        epoch_start = time.perf_counter()
-        train_loss, signum = self._train_epoch()
-        batches = len(self.parts.train_loader)
-        if p.batch >= batches:
-            p.epoch += 1
-            p.batch = 0
-        result = self._evaluate()
+    def _report_epoch(self, train_loss: float, result: EvalResult, seconds: float) -> None:
+        """One log line and one tracker record for the epoch (or the part of it) just trained."""
+        p, split, batches = self.progress, self.parts.split, len(self.parts.train_loader)
+        where = (
+            f"{p.epoch + 1}/{self.cfg.epochs} ({p.batch} of {batches} batches)"
+            if p.batch
+            else f"{p.epoch}/{self.cfg.epochs}"
+        )
         log.info(
-            "epoch %s/%d: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
-            f"{p.epoch + 1} ({p.batch} of {batches} batches)" if p.batch else p.epoch,
-            self.cfg.epochs,
+            "epoch %s: train loss %.4f, %s accuracy %.2f%%, %s loss %.4f (step %d, %.1f s training)",
+            where,
             train_loss,
             split,
             100 * result.accuracy,
@@ -193,9 +190,20 @@ class Trainer:
                 "train/epoch_loss": train_loss,
                 f"{split}/accuracy": result.accuracy,
                 f"{split}/loss": result.loss,
-                "epoch_seconds": time.perf_counter() - epoch_start,
+                "epoch_seconds": seconds,
             },
         )
+
+    def _epoch(self) -> EvalResult:
+        """One epoch (or its part up to the step limit): train, evaluate, log; then stop, or save, as due."""
+        p = self.progress
+        epoch_start = time.perf_counter()
+        train_loss, signum = self._train_epoch()
+        if p.batch >= len(self.parts.train_loader):
+            p.epoch += 1
+            p.batch = 0
+        result = self._evaluate()
+        self._report_epoch(train_loss, result, time.perf_counter() - epoch_start)
         last = self._finished()
         if signum is not None and not last:
             raise self._stop(signum)

@@ -85,7 +85,7 @@ def test_when_every_source_fails_the_error_lists_what_to_put_where(tmp_path, mon
     assert "mirror: no route to host" in msg
     for f in MNIST.files:
         assert str(raw_dir(tmp_path, MNIST) / f.name) in msg and f.md5 in msg
-    assert not list(raw_dir(tmp_path, MNIST).glob(".fetch-*")), "temporary downloads left behind"
+    assert not list(raw_dir(tmp_path, MNIST).glob(".fetch*")), "temporary downloads or the lock left behind"
 
 
 def test_a_source_that_delivers_a_bad_file_never_replaces_anything(copy_of_mnist, tmp_path, monkeypatch):
@@ -139,7 +139,7 @@ def test_nodes_sharing_a_data_dir_fetch_once_and_never_rename_a_good_file(data_d
     assert [n.returncode for n in nodes] == [0, 0], errors
     raw = raw_dir(shared, MNIST)
     assert all(verify_file(raw / f.name, f) is None for f in MNIST.files)
-    assert not list(raw.glob("*.corrupt")) and not list(raw.glob("*.tmp"))
+    assert not list(raw.glob("*.corrupt")) and not list(raw.glob("*.tmp")) and not list(raw.glob(".fetch*"))
 
 
 def test_installing_beside_a_good_copy_leaves_it_alone(copy_of_mnist, tmp_path):

@@ -151,3 +151,12 @@ def test_one_policy_decides_when_to_save():
     assert each_epoch.due_after_epoch(938, epoch=1, finished=False)
     every_3rd = Checkpointer(None, None, every_steps=0, every_epochs=3, keep=2)
     assert [e for e in range(1, 10) if every_3rd.due_after_epoch(938 * e, epoch=e, finished=False)] == [3, 6, 9]
+
+
+def test_every_file_of_a_checkpoint_has_the_usual_permissions(saver, tmp_path):
+    """Others in a shared project directory can read a checkpoint as they read the rest of the run."""
+    from mnist_dist.runs import file_mode
+
+    path = saver(tmp_path, 5)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert set(modes.values()) == {file_mode()}, modes  # Accelerate writes model.safetensors 0600

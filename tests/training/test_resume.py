@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -428,3 +429,70 @@ def test_a_raised_step_limit_continues_exactly(recipe, processes, data_dir, tmp_
     steps = [r["step"] for r in history(run) if r["kind"] == "step"]
     assert steps == [r["step"] for r in history(straight) if r["kind"] == "step"] == list(range(50, 1001, 50))
     assert read_metrics(run / "metrics.json")["test_correct"] == read_metrics(straight / "metrics.json")["test_correct"]
+
+
+# -- what a command never does to a run directory ------------------------------------------
+
+
+def refused(proc, expected: str) -> str:
+    """The one ``Error:`` line of a refused command (no traceback), which must hold ``expected``."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines and lines[-1].startswith("Error: "), proc.stderr[-3000:]
+    assert expected in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not [line for line in lines if "WARNING" in line], proc.stderr[-3000:]
+    return lines[-1]
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_is_refused_not_restarted(data_dir, tmp_path):
+    from conftest import file_digests
+    from saving import flip_byte
+
+    args = train_args(data_dir, tmp_path, "--max-steps", "30", "--checkpoint-every", "10", "--keep-checkpoints", "2")
+    assert run_cli(args).returncode == 0
+    for saved in complete_checkpoints(tmp_path):
+        flip_byte(saved / "optimizer.bin")
+    finished = file_digests(tmp_path)
+    line = refused(run_cli(args), f"every checkpoint of {tmp_path} is damaged (step-00000020: optimizer.bin")
+    assert "step-00000030: optimizer.bin" in line and f"mnist-dist checkpoints verify {tmp_path}" in line
+    assert file_digests(tmp_path) == finished  # the finished run's weights and metrics are as they were
+    for name in ("model.safetensors", "metrics.json"):  # the same, killed after its checkpoints
+        (tmp_path / name).unlink()
+    unfinished = file_digests(tmp_path)
+    refused(run_cli([*args, "--max-steps", "60"]), "is damaged")
+    assert file_digests(tmp_path) == unfinished
+
+
+def test_a_finished_run_without_checkpoints_is_never_overwritten(data_dir, tmp_path):
+    from conftest import file_digests
+
+    args = train_args(data_dir, tmp_path, "--max-steps", "10")
+    assert run_cli(args).returncode == 0
+    shutil.rmtree(checkpoints_dir(tmp_path))
+    before = file_digests(tmp_path)
+    for extra in ([], ["--resume", "none"]):
+        refused(run_cli([*args, *extra]), "holds a finished run (model.safetensors, metrics.json)")
+    assert file_digests(tmp_path) == before
+
+
+def test_a_changed_config_never_takes_over_a_run_killed_before_its_first_checkpoint(data_dir, tmp_path):
+    """Its history and wandb run belong to the old config: refused, naming the key; --resume none replaces it."""
+    from conftest import file_digests
+    from wandb_files import offline_runs
+
+    args = train_args(data_dir, tmp_path, "--max-steps", "900")
+    args[args.index("--tracker") + 1] = "wandb"  # offline (conftest)
+    proc = start(args, 1)
+    read_until(proc, "samples/s")
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert not complete_checkpoints(tmp_path) and (tmp_path / "history.jsonl").is_file()
+    dead = {path.name.rsplit("-", 1)[1] for path in offline_runs(tmp_path)}
+    before = file_digests(tmp_path)
+    assert ".lock/owner.json" in before  # the killed run's, left behind
+    refused(run_cli([*args, "--lr", "0.1"]), "holds a run with a different config (lr 0.5 -> 0.1)")
+    assert file_digests(tmp_path) == {k: v for k, v in before.items() if not k.startswith(".lock")}  # lock: stale
+    replaced = run_cli([*args, "--lr", "0.1", "--max-steps", "20", "--resume", "none"])
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    ids = {path.name.rsplit("-", 1)[1] for path in offline_runs(tmp_path)}
+    assert len(dead) == 1 and len(ids) == 2 and dead < ids  # a wandb run of its own
+    assert [r["config"]["lr"] for r in history(tmp_path) if r["kind"] == "config"] == [0.1]
