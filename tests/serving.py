@@ -1,4 +1,5 @@
-"""Run ``mnist-dist serve`` as a real process on a free loopback port, and always stop it.
+"""Run ``mnist-dist serve`` as a real process on a free loopback port, and always stop it; or
+serve an app built in the test, by a thread, as that command serves it.
 
 Used by the tests, ``bench/serve_load.py`` and ``scripts/make_serve_figure.py``.
 """
@@ -108,3 +109,28 @@ def running_server(weights: str | os.PathLike, *options: str, timeout: float = 9
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def serving_in_thread(app, timeout: float = 30) -> Iterator[str]:
+    """``app`` served on a free loopback port by uvicorn in a thread of this process, with the
+    settings of ``mnist-dist serve`` (its logs go to this process's logging); its base URL."""
+    import uvicorn
+
+    from mnist_dist.inference.serve import listen, server_config
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(server_config(app, log_config=None))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start within {timeout} s")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

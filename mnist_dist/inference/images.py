@@ -6,7 +6,9 @@
   8-bit grayscale plus an alpha channel, high bit depths scaled by their bit depth;
 - bounded: more than ``MAX_PIXELS`` pixels is refused, more than ``MAX_SIDE`` is reduced.
 
-Everything that cannot be read is an :class:`ImageError` whose ``reason`` says what is wrong.
+Everything that cannot be read is an :class:`ImageError` whose ``reason`` says what is wrong;
+Pillow's own warnings about a file (metadata it skips, a possible decompression bomb) are
+silenced, so that a file is one line (its result, or what is wrong), never more.
 :mod:`.preprocess` turns what this returns into what the model sees.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import IO, Any
 
@@ -74,6 +77,7 @@ def decode_image(source: str | os.PathLike | IO[bytes], name: str | os.PathLike 
     Raises :class:`ImageError` (naming ``name``) for data Pillow cannot read and for images
     of more than ``MAX_PIXELS`` pixels.
     """
+    _quiet_pillow()
     try:
         with Image.open(source) as img:
             if img.width * img.height > MAX_PIXELS:
@@ -103,11 +107,18 @@ def decode_image(source: str | os.PathLike | IO[bytes], name: str | os.PathLike 
         raise ImageError(f"image data is truncated or corrupt ({exc})", name) from None
 
 
+def _quiet_pillow() -> None:
+    """Silence Pillow's warnings, process-wide: each would print two lines on stderr beside the one
+    line a file gets. (A filter, not ``catch_warnings``, which is not safe in the server's threads.)"""
+    warnings.filterwarnings("ignore", module=r"PIL\.")  # adding the same filter again replaces it
+
+
 def upright(img: Image.Image) -> Image.Image:
     """A copy of ``img`` turned as its EXIF orientation tag says; with malformed EXIF, as stored.
 
     The orientation metadata is dropped from a turned copy, so turning it again is a no-op.
     """
+    _quiet_pillow()
     try:
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     # Broken EXIF blocks make Pillow raise struct.error, TypeError, ValueError, ...: the pixels

@@ -1,7 +1,8 @@
 """Recognition results as people and programs read them: a table, JSON lines, JSON objects.
 
 ``mnist-dist predict`` prints them (stdout; a file that cannot be recognised gets one line
-on stderr, ``FILE: what is wrong``), and ``mnist-dist serve`` answers with the same JSON.
+on stderr, ``FILE: what is wrong``), and ``mnist-dist serve`` answers with the same JSON,
+whose JSON Schemas (``..._SCHEMA``) its OpenAPI description holds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,59 @@ import click
 
 if TYPE_CHECKING:
     from .recognize import FileResult
+
+_UNIT = {"type": "number", "minimum": 0, "maximum": 1}
+_DIGIT = {"type": "integer", "minimum": 0, "maximum": 9}
+RESULT_SCHEMA = {
+    "type": "object",
+    "description": "One recognised input, as `mnist-dist predict --json` prints it.",
+    "required": ["file", "digit", "confidence", "probabilities"],
+    "additionalProperties": False,
+    "properties": {
+        "file": {"type": "string", "description": "The upload's file name, or array[i]."},
+        "digit": _DIGIT,
+        "confidence": _UNIT,
+        "probabilities": {"type": "array", "items": _UNIT, "minItems": 10, "maxItems": 10},
+        "top_k": {
+            "type": "array",
+            "description": "With ?top_k=K: the K most probable digits, best first.",
+            "items": {
+                "type": "object",
+                "required": ["digit", "probability"],
+                "additionalProperties": False,
+                "properties": {"digit": _DIGIT, "probability": _UNIT},
+            },
+        },
+        "seen": {
+            "type": "array",
+            "description": "With ?seen=true: the 28x28 image the model saw, rows of values in [0, 1].",
+            "items": {"type": "array", "items": _UNIT, "minItems": 28, "maxItems": 28},
+            "minItems": 28,
+            "maxItems": 28,
+        },
+    },
+}
+FAILED_SCHEMA = {
+    "type": "object",
+    "description": "An input that could not be recognised, and why.",
+    "required": ["file", "error"],
+    "additionalProperties": False,
+    "properties": {"file": {"type": "string"}, "error": {"type": "string"}},
+}
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+ANSWER_SCHEMA = {
+    "type": "object",
+    "required": ["results"],
+    "properties": {"results": {"type": "array", "items": RESULT_SCHEMA}},
+}
+PARTIAL_ANSWER_SCHEMA = {  # the error, and each input's result or reason (none if the request itself is wrong)
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string"},
+        "results": {"type": "array", "items": {"anyOf": [RESULT_SCHEMA, FAILED_SCHEMA]}},
+    },
+}
 
 
 def result_json(result: FileResult, top_k: int | None = None, seen: bool = False) -> dict:

@@ -8,11 +8,13 @@
   it; if an input cannot be used, the status is 422, ``error`` says why, and ``results``
   still holds every other input's answer (the bad one as ``{"file", "error"}``);
 - ``GET /healthz``: the model, its test accuracy from the run's ``metrics.json`` if known,
-  and the request limits.
+  and the request limits (the largest image in pixels included);
+- ``GET /openapi.json``: all of this as an OpenAPI schema (what the fuzz tests read).
 
 Every bad request gets a 4xx answer ``{"error": "..."}`` naming the problem. Requests are
-bounded (bytes per file, inputs per request, bytes per request, pixels per image) and at
-most one recognition per CPU core runs at a time.
+bounded (bytes per file, inputs per request, bytes per request, pixels per image, seconds
+for the body to arrive, bodies received at once) and at most one recognition per CPU core
+runs at a time. A client that goes away mid-request is one line in the log.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from importlib import resources
@@ -32,20 +35,65 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from ..errors import ServeError
 from ..runs import run_metrics
+from .images import MAX_PIXELS
 from .recognize import FileResult, Recognizer
-from .results import error_json, result_json
-from .uploads import ApiError, Limits, content_kind, drain, json_inputs, query_options, read_body, read_uploads
+from .results import ANSWER_SCHEMA, ERROR_SCHEMA, PARTIAL_ANSWER_SCHEMA, error_json, result_json
+from .uploads import (
+    ApiError,
+    Limits,
+    content_kind,
+    drain,
+    json_inputs,
+    query_options,
+    read_body,
+    read_uploads,
+    request_schema,
+    within,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 200  # beyond this many open connections and requests, uvicorn answers 503
 ENDPOINTS = "GET /, POST /predict, GET /healthz"
 DEFAULT_LIMITS = Limits()
+
+
+def _json(description: str, schema: dict) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+HEALTH_SCHEMA = {
+    "type": "object",
+    "required": ["status", "weights", "hidden_sizes", "test_accuracy", "metrics_file", "limits"],
+    "properties": {
+        "status": {"const": "ok"},
+        "weights": {"type": "string"},
+        "hidden_sizes": {"type": "array", "items": {"type": "integer"}},
+        "test_accuracy": {"type": ["number", "null"]},
+        "val_accuracy": {"type": "number"},
+        "metrics_file": {"type": ["string", "null"]},
+        "limits": {"type": "object", "additionalProperties": {"type": "number"}},
+    },
+}
+PREDICT_DOC = (
+    "Recognise the digit in each image file (multipart/form-data, any field names) or JSON array "
+    "(784 values or 28 rows of 28: integers 0-255 or floats in [0, 1]; or a list of such arrays). "
+    f"Images over {MAX_PIXELS // 10**6} megapixels are refused; GET /healthz states every limit."
+)
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: _json("One result per input, in order.", ANSWER_SCHEMA),
+    400: _json("Malformed JSON or multipart (the message names the part), or a bad query option.", ERROR_SCHEMA),
+    408: _json("The body did not arrive in full within the read timeout; the connection is closed.", ERROR_SCHEMA),
+    413: _json("Beyond a limit: bytes per file or per request, inputs per request.", ERROR_SCHEMA),
+    415: _json("Neither multipart/form-data nor JSON.", ERROR_SCHEMA),
+    422: _json("An input could not be recognised; `results` keeps the others' answers.", PARTIAL_ANSWER_SCHEMA),
+    503: _json("Too many uploads are being received at once: try again in a few seconds.", ERROR_SCHEMA),
+}
 
 
 def health(recognizer: Recognizer, weights: str | os.PathLike, limits: Limits) -> dict[str, Any]:
@@ -57,7 +105,7 @@ def health(recognizer: Recognizer, weights: str | os.PathLike, limits: Limits) -
         "hidden_sizes": list(recognizer.model.hidden_sizes),
         "test_accuracy": metrics.get("test_accuracy"),
         "metrics_file": None if path is None else str(path),
-        "limits": asdict(limits),
+        "limits": {**asdict(limits), "max_image_pixels": MAX_PIXELS},
     }
     if "val_accuracy" in metrics:  # a run evaluated on a validation split
         info["val_accuracy"] = metrics["val_accuracy"]
@@ -69,29 +117,27 @@ def create_app(recognizer: Recognizer, weights: str | os.PathLike, limits: Limit
     page = resources.files(__package__).joinpath("static/index.html").read_text("utf-8")
     status = health(recognizer, weights, limits)
     slots = asyncio.Semaphore(os.cpu_count() or 1)
-    # No /docs: FastAPI's documentation pages load their scripts from a CDN.
-    app = FastAPI(title="mnist-dist", docs_url=None, redoc_url=None, openapi_url=None)
+    uploads = asyncio.Semaphore(limits.max_uploads)
+    # python-multipart logs a warning for each malformed body: the 400 answer says it, and better.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    # No /docs: FastAPI's documentation pages load their scripts from a CDN. The schema is served.
+    app = FastAPI(title="mnist-dist", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, responses={200: {"description": "The drawing page."}})
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={200: _json("The model and the limits.", HEALTH_SCHEMA)})
     async def healthz() -> dict[str, Any]:
         return status
 
-    @app.post("/predict")
+    @app.post("/predict", description=PREDICT_DOC, openapi_extra=request_schema(limits), responses=PREDICT_RESPONSES)
     async def predict(request: Request) -> JSONResponse:
-        try:
-            top_k, seen = query_options(request)
-            kind = content_kind(request)
-        except ApiError:
-            await drain(request)  # the body is unread: read it, so that the client gets the answer
-            raise
-        if kind == "multipart":
-            work = partial(recognizer.predict_inputs, await read_uploads(request, limits))
-        else:
-            work = partial(recognise_json, recognizer, await read_body(request, limits.max_request_bytes), limits)
+        if uploads.locked():
+            message = f"{limits.max_uploads} uploads are being received: try again in a few seconds"
+            raise ApiError(503, message, close=True)
+        async with uploads:
+            top_k, seen, work = await received(within(request, limits.body_timeout_s), recognizer, limits)
         async with slots:
             results = await run_in_threadpool(work)
         return answer(results, top_k, seen)
@@ -100,12 +146,37 @@ def create_app(recognizer: Recognizer, weights: str | os.PathLike, limits: Limit
     return app
 
 
+async def received(
+    request: Request, recognizer: Recognizer, limits: Limits
+) -> tuple[int | None, bool, Callable[[], list[FileResult]]]:
+    """The query options of a ``POST /predict`` and its recognition, to run, on the inputs its body holds."""
+    try:
+        top_k, seen = query_options(request)
+        kind = content_kind(request)
+    except ApiError:
+        await drain(request)  # the body is unread: read it, so that the client gets the answer
+        raise
+    if kind == "multipart":
+        work = partial(recognizer.predict_inputs, await read_uploads(request, limits))
+    else:
+        work = partial(recognise_json, recognizer, await read_body(request, limits.max_request_bytes), limits)
+    return top_k, seen, work
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's (404, 405, ...), answered as ``{"error": "..."}``."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        headers = {"Connection": "close"} if exc.close else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        log.info(
+            "%s %s: the client disconnected before sending the whole request body", request.method, request.url.path
+        )
+        return Response(status_code=400)  # nobody reads it: the connection is gone
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -163,6 +234,18 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_config(app: FastAPI, **options: Any) -> uvicorn.Config:
+    """How uvicorn serves ``app`` for ``mnist-dist serve``; ``options`` override (tests: ``log_config=None``)."""
+    settings: dict[str, Any] = dict(
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+        limit_concurrency=MAX_CONNECTIONS,
+    )
+    return uvicorn.Config(app, **{**settings, **options})
+
+
 def run_server(
     weights: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, limits: Limits = DEFAULT_LIMITS
 ) -> None:
@@ -174,14 +257,7 @@ def run_server(
     accuracy = health(recognizer, weights, limits)["test_accuracy"]
     known = f" (test accuracy {100 * accuracy:.2f}%)" if isinstance(accuracy, (int, float)) else ""
     log.info("serving %s%s on http://%s:%d/ (Ctrl-C to stop)", weights, known, host, bound)
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=5,
-        limit_concurrency=MAX_CONNECTIONS,
-    )
+    config = server_config(app)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the
     # handlers it found: these let the command end normally (exit status 0) after that.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

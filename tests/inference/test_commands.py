@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
+from fuzzing import broken_files, files_pillow_warns_about
 from PIL import Image
 
 from mnist_dist.cli import main
@@ -57,6 +59,24 @@ def test_predict_json_top_k(trained_weights, mixed_dir):
     args = ["predict", "--weights", str(trained_weights), "--json", "--top-k", "2", str(mixed_dir / "a.png")]
     obj = json.loads(CliRunner().invoke(main, args).stdout)
     assert obj["top_k"][0]["digit"] == obj["digit"] and len(obj["top_k"]) == 2
+
+
+def test_predict_gives_one_line_per_broken_file_in_a_real_process(trained_weights, tmp_path):
+    """The real command on a dozen truncated, bit-flipped and random files, and two Pillow warns about:
+    one ``FILE: reason`` line for each it cannot read, a count, exit status 1; no traceback, no
+    warning, and done in bounded time."""
+    paths = []
+    for name, data in broken_files(12) + files_pillow_warns_about():
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    started = time.monotonic()
+    proc = run_cli(["mnist_dist.cli", "predict", "--weights", str(trained_weights), "--json", *paths], timeout=120)
+    assert time.monotonic() - started < 60 and "Traceback" not in proc.stderr, proc.stderr
+    *failed, count = proc.stderr.splitlines()
+    predicted = [json.loads(line)["file"] for line in proc.stdout.splitlines()]
+    assert count == f"{len(failed)} of 14 files could not be recognised" and proc.returncode == 1
+    assert sorted(predicted + [line.split(": ", 1)[0] for line in failed]) == sorted(paths)
+    assert len(failed) >= 8, proc.stderr
 
 
 @pytest.mark.parametrize("command", [["predict"], ["export", "--format", "torchscript"]])

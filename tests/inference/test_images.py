@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import struct
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from fuzzing import files_pillow_warns_about
 from pictures import mnist_digits, on_paper, reference, similarity
 from PIL import Image
 
-from mnist_dist.inference.images import ImageError, open_image
+from mnist_dist.inference.images import ImageError, as_image, open_image
 from mnist_dist.inference.preprocess import preprocess
 
 
@@ -324,3 +326,15 @@ def test_other_arrays_are_refused_saying_what_to_pass(array, message):
     with pytest.raises(ImageError) as info:
         preprocess(array)
     assert str(info.value).startswith(message)
+
+
+def test_pillow_warns_about_no_file():
+    """Pillow's warnings (metadata it skips, a possible decompression bomb) would print two lines each
+    to stderr beside the one line a file gets: the file is read, or refused with its reason, silently."""
+    (_, cut_exif), (_, huge) = files_pillow_warns_about()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert as_image(cut_exif).size == (96, 96)
+        with pytest.raises(ImageError, match="image is too large"):
+            as_image(huge)
+    assert [str(w.message) for w in caught] == []

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from fuzzing import bounded, fuzz, image_bytes
+from hypothesis import given
 from PIL import Image
 
 from mnist_dist.cli import main
@@ -18,6 +20,7 @@ from mnist_dist.data.idx import load_split
 from mnist_dist.data.sources import DATASETS, raw_dir
 from mnist_dist.inference.preprocess import BlankImageError
 from mnist_dist.inference.recognize import Prediction, Recognizer, find_images
+from mnist_dist.inference.results import report
 from mnist_dist.model import MLP
 from mnist_dist.runs import save_weights
 
@@ -241,7 +244,6 @@ def _tiff_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's warning about exif-garbage.jpg
 def test_predict_reads_every_mode_and_reports_each_bad_file(recognizer, every_mode_dir):
     folder, label = every_mode_dir
     results = {Path(r.file).name: r for r in recognizer.predict_files([folder])}
@@ -254,7 +256,6 @@ def test_predict_reads_every_mode_and_reports_each_bad_file(recognizer, every_mo
     assert len(digits) == 10 and set(digits.values()) == {label}, digits
 
 
-@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_predict_command_over_every_mode(weights, every_mode_dir):
     folder, label = every_mode_dir
     result = CliRunner().invoke(main, ["predict", "--weights", str(weights), "--json", str(folder)])
@@ -274,3 +275,22 @@ def test_an_unforeseen_failure_of_one_input_is_its_error_only(recognizer, realis
     assert [r.ok for r in results] == [True, False, True]
     assert results[1].file == "lazy" and results[1].error.reason.startswith("cannot process this image (OSError:")
     assert results[0].prediction == results[2].prediction and results[0].seen.shape == (28, 28)
+
+
+def test_fuzz_predict_files_with_broken_image_files(recognizer, tmp_path_factory, capsys):
+    """What ``mnist-dist predict`` runs, on truncated, bit-flipped and random files (tests/inference/fuzzing.py):
+    each file is a prediction or one ``FILE: reason`` line on stderr; never an exception, never a hang."""
+    path = tmp_path_factory.mktemp("fuzz") / "upload.png"
+
+    @fuzz
+    @given(data=image_bytes())
+    def one_result_per_file(data):
+        path.write_bytes(data)
+        (result,) = bounded(lambda: recognizer.predict_files([path]))
+        assert result.file == str(path) and (result.ok or str(result.error).startswith(f"{path}: "))
+        report([result], as_json=False, top_k=None)
+        out, err = capsys.readouterr()
+        expected = [] if result.ok else [str(result.error), "1 of 1 files could not be recognised"]
+        assert err.splitlines() == expected and len(out.splitlines()) == (2 if result.ok else 0)
+
+    one_result_per_file()

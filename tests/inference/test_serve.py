@@ -9,23 +9,35 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import socket
+import time
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fuzzing import bounded, broken_files, files_pillow_warns_about, fuzz, image_bytes
 from PIL import Image
 
 from mnist_dist.cli import main
 from mnist_dist.inference.preprocess import preprocess
 from mnist_dist.inference.recognize import Recognizer
 
-from serving import running_server
+from conftest import skip_or_fail
+from serving import running_server, serving_in_thread
 
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[test]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+
+from mnist_dist.inference.serve import create_app  # noqa: E402
+from mnist_dist.inference.uploads import Limits  # noqa: E402
 
 MAX_FILE_MB, MAX_BATCH, MAX_REQUEST_MB = 0.2, 64, 2
 OPTIONS = ["--max-file-mb", str(MAX_FILE_MB), "--max-batch", str(MAX_BATCH), "--max-request-mb", str(MAX_REQUEST_MB)]
@@ -59,6 +71,20 @@ def recognizer(run_dir):
     return Recognizer.load(run_dir / "model.safetensors")
 
 
+@pytest.fixture(scope="module")
+def app(recognizer, run_dir):
+    """The application the server runs, with the test server's limits, called in this process."""
+    limits = Limits.in_megabytes(MAX_FILE_MB, MAX_BATCH, MAX_REQUEST_MB)
+    return create_app(recognizer, run_dir / "model.safetensors", limits)
+
+
+@pytest.fixture(scope="module")
+def local(app):
+    """A client of ``app`` in this process (no socket): an error in the app is raised here, not hidden."""
+    with TestClient(app) as client:
+        yield client
+
+
 def on_paper(digit: np.ndarray, fmt: str = "PNG") -> bytes:
     """An MNIST digit as a picture: dark ink on light paper, enlarged 3x, off-centre."""
     amount = np.asarray(Image.fromarray(digit).resize((84, 84), Image.Resampling.BICUBIC), np.float64) / 255
@@ -86,6 +112,9 @@ def test_healthz_reports_the_model_its_test_accuracy_and_the_limits(client, run_
         "max_file_bytes": round(MAX_FILE_MB * 2**20),
         "max_batch": MAX_BATCH,
         "max_request_bytes": MAX_REQUEST_MB * 2**20,
+        "body_timeout_s": 30.0,
+        "max_uploads": 32,
+        "max_image_pixels": 64_000_000,  # images.MAX_PIXELS: a client can check an image before sending it
     }
 
 
@@ -138,6 +167,15 @@ def test_json_arrays_of_784_values_rows_and_batches(client, recognizer, mnist_te
         results = response.json()["results"]
         assert [r["digit"] for r in results] == digits, name
         assert [r["file"] for r in results] == [f"array[{i}]" for i in range(len(digits))]
+
+
+def test_a_json_batch_mixing_integer_and_float_images_judges_each_alone(client, recognizer, mnist_test):
+    images, _ = mnist_test
+    ints, floats = images[0].numpy(), images[1].numpy() / 255
+    response = client.post("/predict", json=[ints.reshape(-1).tolist(), floats.reshape(-1).tolist()])
+    assert response.status_code == 200, response.text
+    expected = [recognizer.predict(ints).digit, recognizer.predict(floats).digit]
+    assert [r["digit"] for r in response.json()["results"]] == expected
 
 
 def test_top_k_and_the_image_the_model_saw(client, mnist_test):
@@ -227,10 +265,32 @@ GARBAGE = {
     ),
     "no files in the form": (dict(data={"note": "hello"}, files={}), 415, "unsupported content type"),
     "form fields but no files": (dict(files={"note": (None, "hello")}), 422, "no files in the request"),
-    "malformed multipart": (
+    "multipart without a boundary": (
         dict(content=b"--x\r\nnonsense", headers={"content-type": "multipart/form-data"}),
         400,
-        "malformed multipart/form-data request (Missing boundary in multipart.)",
+        "malformed multipart/form-data request: the Content-Type header has no boundary",
+    ),
+    "multipart not starting with its boundary": (
+        dict(content=b"garbage", headers={"content-type": "multipart/form-data; boundary=xx"}),
+        400,
+        "malformed multipart/form-data request: the body does not start with the boundary line '--xx'",
+    ),
+    "multipart with a broken second part": (
+        dict(
+            content=b'--xx\r\nContent-Disposition: form-data; name="a"; filename="a.png"\r\n\r\nab\r\n'
+            b"--xx\r\nContent-Disposition form-data\r\n\r\ncd\r\n--xx--\r\n",
+            headers={"content-type": "multipart/form-data; boundary=xx"},
+        ),
+        400,
+        "malformed multipart/form-data request: part 2 (byte ",
+    ),
+    "multipart cut short": (
+        dict(
+            content=b'--xx\r\nContent-Disposition: form-data; name="a"; filename="a.png"\r\n\r\nab',
+            headers={"content-type": "multipart/form-data; boundary=xx"},
+        ),
+        400,
+        "the body ends before the closing boundary line '--xx--' (was the upload cut short?)",
     ),
     "wrong content type": (
         dict(content=b"7", headers={"content-type": "text/plain"}),
@@ -276,6 +336,11 @@ GARBAGE = {
     "strings": (dict(json=["a"] * 784), 422, "array of dtype <U1 is not an image"),
     "nulls": (dict(json=[None] * 784), 422, "array of dtype object is not an image"),
     "bad top_k": (dict(params={"top_k": "11"}, json=[0] * 784), 400, "top_k must be an integer from 1 to 10, got '11'"),
+    "top_k a superscript two": (  # str.isdigit() says yes, int() says no: it was a 500
+        dict(params={"top_k": "²"}, json=[0] * 784),
+        400,
+        "top_k must be an integer from 1 to 10, got '²'",
+    ),
     "bad seen": (dict(params={"seen": "maybe"}, json=[0] * 784), 400, "seen must be true or false"),
 }
 
@@ -288,6 +353,8 @@ def test_garbage_gets_a_4xx_json_error_naming_the_problem(server, client, case):
     assert response.headers["content-type"] == "application/json"
     assert message in response.json()["error"]
     assert_alive(server, client)
+    # The answer says it all: the log has no line about it (python-multipart's own warnings included).
+    assert not [line for line in server.lines if "boundary" in line or "header" in line], server.output
 
 
 def test_unknown_paths_and_methods_get_json_errors(server, client):
@@ -312,6 +379,178 @@ def test_a_declared_oversized_body_is_refused_before_it_is_sent(server):
             assert chunk, f"connection closed after {answer!r}"
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 413") and b"request body is larger than 2 MB" in answer
+
+
+# --- clients that stall or vanish --------------------------------------------------------------
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    return host, int(port)
+
+
+def _wait_for_lines(server, count: int, timeout: float = 10) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while len(server.lines) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server.lines[count - 1 :]
+
+
+def test_a_client_that_disconnects_mid_upload_is_one_quiet_log_line(server, client):
+    before = len(server.lines)
+    with socket.create_connection(_address(server.url), timeout=10) as conn:
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+            b"Content-Length: 100000\r\n\r\n"
+            b'--xx\r\nContent-Disposition: form-data; name="f"; filename="a.png"\r\n\r\nab'
+        )
+        time.sleep(0.2)
+    (line,) = _wait_for_lines(server, before + 1)
+    assert line.endswith("POST /predict: the client disconnected before sending the whole request body"), line
+    time.sleep(0.5)  # nothing more comes (before the fix: two ClientDisconnect tracebacks)
+    assert server.lines[before:] == [line]
+    assert_alive(server, client)
+
+
+def _stalled_upload(address: tuple[str, int], declared: int) -> socket.socket:
+    """A connection that announces ``declared`` bytes of body, sends three, and then nothing."""
+    conn = socket.create_connection(address, timeout=15)
+    conn.sendall(
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {declared}\r\n\r\n[0,".encode()
+    )
+    return conn
+
+
+def _answer_then_close(conn: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a socket timeout if it never does)."""
+    answer = b""
+    with conn:
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_stalled_uploads_are_cut_off_and_cannot_hold_every_worker(recognizer, run_dir, mnist_test, caplog):
+    """40 clients announce a body and stall (a slow-client attack): 8 hold the upload slots until the
+    read timeout answers them 408, the other 32 get 503 at once, every connection is closed, and
+    meanwhile and after the server answers others."""
+    limits = Limits(body_timeout_s=1.5, max_uploads=8)
+    app = create_app(recognizer, run_dir / "model.safetensors", limits)
+    with caplog.at_level(logging.INFO), serving_in_thread(app) as url:
+        started = time.monotonic()
+        stalled = [_stalled_upload(_address(url), declared) for declared in (999_999_999, 100) * 20]
+        assert httpx.get(url + "healthz", timeout=5).status_code == 200
+        answers = [_answer_then_close(conn) for conn in stalled]
+        took = time.monotonic() - started
+        good = httpx.post(url + "predict", files={"f": ("d.png", on_paper(mnist_test[0][0].numpy()))}, timeout=10)
+    statuses = Counter(answer.split(b" ", 2)[1] for answer in answers)
+    assert statuses == {b"408": 8, b"503": 32}, answers
+    assert b"request body not received in full within 1.5 s" in next(a for a in answers if b" 408 " in a)
+    assert b"uploads are being received" in next(a for a in answers if b" 503 " in a)
+    assert 1.5 <= took < 6, took
+    assert good.status_code == 200, good.text
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+# --- fuzzing: no 5xx, answers as the schema says, one line per bad file ---------------------------------
+
+
+def test_healthz_and_the_openapi_schema_state_the_limits(local):
+    assert local.get("/healthz").json()["limits"]["max_image_pixels"] == 64_000_000
+    schema = local.get("/openapi.json").json()
+    predict = schema["paths"]["/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert {"200", "400", "408", "413", "415", "422", "503"} <= set(predict["responses"])
+    assert "64 megapixels" in predict["description"]
+
+
+def _schemathesis():
+    """schemathesis and the checks the fuzz tests make: no 5xx; status, content type and body as documented."""
+    try:
+        import schemathesis
+        from schemathesis.checks import not_a_server_error
+        from schemathesis.specs.openapi.checks import (
+            content_type_conformance,
+            response_schema_conformance,
+            status_code_conformance,
+        )
+    except ModuleNotFoundError as exc:
+        skip_or_fail(f"{exc.name} is not installed (pip install -e '.[test]')")
+    return schemathesis, [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+
+
+def test_good_answers_match_the_openapi_schema(app, mnist_test):
+    schemathesis, checks = _schemathesis()
+    predict = schemathesis.openapi.from_asgi("/openapi.json", app)["/predict"]["POST"]
+    digits = mnist_test[0][:2].numpy()
+    for case in (
+        predict.Case(body=digits.reshape(2, -1).tolist(), media_type="application/json", query={"top_k": 3}),
+        predict.Case(body={"file": on_paper(digits[0])}, media_type="multipart/form-data", query={"seen": "true"}),
+    ):
+        assert case.call_and_validate(checks=checks).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "operation,mode",
+    [("GET /", "positive"), ("GET /healthz", "positive"), ("POST /predict", "positive"), ("POST /predict", "negative")],
+)
+def test_fuzz_the_api_from_its_openapi_schema(app, operation, mode, caplog):
+    """Schemathesis generates requests from /openapi.json (``FUZZ_EXAMPLES`` per operation and mode, seeded):
+    valid ones (positive) and ones the schema forbids (negative: bad query values, bodies of the wrong
+    shape or type). No answer is a 5xx, and each has a status, content type and body the schema documents."""
+    schemathesis, checks = _schemathesis()
+    method, path = operation.split()
+    strategy = schemathesis.openapi.from_asgi("/openapi.json", app)[path][method].as_strategy(
+        generation_mode=schemathesis.GenerationMode(mode)
+    )
+
+    @fuzz
+    @given(case=strategy)
+    def answers_as_documented(case):
+        bounded(lambda: case.call_and_validate(checks=checks))
+
+    with caplog.at_level(logging.INFO):
+        answers_as_documented()
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_fuzz_predict_with_broken_image_files(local, caplog):
+    """Truncated, bit-flipped and random bytes as uploads: a 200, or a 422 naming the file and what is
+    wrong in one line; never a 5xx or a traceback, each request bounded in time."""
+
+    @fuzz
+    @given(data=image_bytes(), name=st.sampled_from(["digit.png", "photo.jpg", "scan"]))
+    def one_line_per_bad_file(data, name):
+        response = bounded(lambda: local.post("/predict", files={"file": (name, data)}))
+        assert response.status_code in (200, 422), response.text
+        (result,) = response.json()["results"]
+        if response.status_code == 200:
+            assert set(result) == PREDICT_KEYS
+        else:
+            assert set(result) == {"file", "error"} and "\n" not in result["error"]
+            assert response.json()["error"] == f"{name}: {result['error']}"
+
+    with caplog.at_level(logging.INFO):
+        one_line_per_bad_file()
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_a_batch_of_broken_files_to_the_real_server(server, client, mnist_test):
+    files = [*broken_files(20), *files_pillow_warns_about(), ("good.png", on_paper(mnist_test[0][0].numpy()))]
+    response = client.post("/predict", files=[("file", f) for f in files])
+    assert response.status_code == 422, response.text
+    results = response.json()["results"]
+    assert [r["file"] for r in results] == [name for name, _ in files]
+    assert all(set(r) in (PREDICT_KEYS, {"file", "error"}) for r in results) and set(results[-1]) == PREDICT_KEYS
+    assert sum("error" in r for r in results) >= 10, results
+    assert_alive(server, client)
+    assert "Warning" not in server.output, server.output  # Pillow's, on stderr
 
 
 # --- the command ----------------------------------------------------------------------------------
