@@ -11,14 +11,19 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 from typing import Any, NoReturn
 
 import click
 
 from .config import FIELDS, build_config, field_type
+from .distributed.restarts import end_the_job
 from .errors import RendezvousError, Stopped, UserError
 from .inference.commands import export_command, predict_command, serve_command
+
+# Exit status after Ctrl-C (SIGINT), as a shell reports a process it ended: 128 + 2.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 class _OneLineErrors:
@@ -36,12 +41,15 @@ class _OneLineErrors:
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
+        except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
             click.echo("Aborted!", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_INTERRUPTED)
         except UserError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
+            if not exc.quiet:  # e.g. a rank that lost a peer: another rank says it
+                click.echo(f"Error: {exc}", err=True)
+            if exc.recurs:
+                end_the_job("this error")  # under torchrun --max-restarts: restarting would not help
+            sys.exit(exc.exit_code)
         except Stopped as exc:  # a checkpoint is saved and the main process said so
             sys.exit(exc.exit_code)
         sys.exit(result if isinstance(result, int) else 0)
@@ -126,14 +134,15 @@ def data_group() -> None:
 
 @data_group.command("download")
 @click.option("--dataset", type=click.Choice(FIELDS["dataset"].metadata["choices"]), default="mnist", show_default=True)
-@click.option("--data-dir", default=FIELDS["data_dir"].default, show_default=True, help="Where DATASET/raw/ goes.")
+@click.option("--data-dir", show_default="$MNIST_DATA_DIR if set, else data", help="Where DATASET/raw/ goes.")
 @click.option("--replace-corrupt", is_flag=True, help="Replace files that fail verification (kept as *.corrupt).")
-def download_command(dataset: str, data_dir: str, replace_corrupt: bool) -> None:
+def download_command(dataset: str, data_dir: str | None, replace_corrupt: bool) -> None:
     """Fetch DATASET into DATA_DIR and verify every file (size and md5)."""
+    from .config import default_data_dir
     from .data.sources import ensure_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    raw = ensure_dataset(data_dir, dataset, replace_corrupt)
+    raw = ensure_dataset(default_data_dir() if data_dir is None else data_dir, dataset, replace_corrupt)
     click.echo(f"{dataset}: all files verified in {raw}")
 
 
@@ -147,12 +156,19 @@ def checkpoints_group() -> None:
 def verify_command(run_dir: str) -> None:
     """Check every checkpoint and the final weights of RUN_DIR against their checksums.
 
-    Exit status 1 if the newest checkpoint or the final weights cannot be used.
+    Exit status 1 if RUN_DIR holds no run, or the newest checkpoint or the final weights cannot be used.
     """
     from pathlib import Path
 
+    from .errors import RunDirError
+    from .runs import WEIGHTS_FILE, is_run_dir
     from .training.integrity import verify_run
 
+    if not (is_run_dir(Path(run_dir)) or (Path(run_dir) / WEIGHTS_FILE).is_file()):
+        raise RunDirError(
+            f"{run_dir} holds no run (no checkpoints/, {WEIGHTS_FILE}, metrics.json, config.yaml or history.jsonl); "
+            "pass the --output-dir of a training run"
+        )
     lines, ok = verify_run(Path(run_dir))
     for line in lines:
         click.echo(line)
@@ -188,6 +204,10 @@ def rendezvous_command(nodes: int, node_rank: int, main_addr: str, main_port: in
 
     from .distributed.rendezvous import wait_for_nodes
 
+    if node_rank >= nodes:
+        raise click.BadParameter(
+            f"{node_rank} is not a node of {nodes}: node ranks are 0 to {nodes - 1}", param_hint="'--node-rank'"
+        )
     try:
         seconds = wait_for_nodes(nodes, node_rank, main_addr, main_port, timeout)
     except RendezvousError as exc:
@@ -195,7 +215,7 @@ def rendezvous_command(nodes: int, node_rank: int, main_addr: str, main_port: in
         # SLURM stops forwarding a cancelled job step's output once its tasks have ended:
         # stay a moment, so that this line reaches the job's output.
         time.sleep(1)
-        sys.exit(1)
+        sys.exit(exc.exit_code)  # 1, or 128 + the signal that stopped the wait
     if node_rank == 0 and nodes > 1:
         click.echo(f"rendezvous: all {nodes} nodes are up ({main_addr}:{main_port}, {seconds:.1f} s)")
 
@@ -238,6 +258,8 @@ def run_as_process(command: click.Command, **kwargs: Any) -> NoReturn:
         code = 0
     except SystemExit as exc:
         code = exc.code
+    except KeyboardInterrupt:  # Ctrl-C outside click's handling (e.g. while it starts)
+        code = EXIT_INTERRUPTED
     if code is None:
         code = 0
     elif not isinstance(code, int):

@@ -7,10 +7,13 @@ optionally ``choices`` or a lower bound ``min``. Unknown keys and bad values rai
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import functools
 import operator
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +25,11 @@ from .errors import ConfigError
 # Bounds on values that would pass a type check but fail later, after the processes have
 # met: numpy's seed is 32-bit; torch's process-group timeouts overflow far beyond a week;
 # a hidden layer wider than this is a typo (and an out-of-memory error); both datasets
-# have 60,000 training images to hold some out of.
+# have 60,000 training images to hold some out of (and no batch can be larger).
 MAX_SEED, MAX_TIMEOUT, MAX_WIDTH, TRAIN_IMAGES = 2**32 - 1, 7 * 24 * 3600, 65536, 60_000
+# The environment variable that, when set, is the default of ``data_dir`` (the YAML file and
+# --data-dir still win): one copy of the dataset for every command and the tests.
+DATA_DIR_ENV = "MNIST_DATA_DIR"
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -36,14 +42,20 @@ class Config:
 
     # Data and run directory
     dataset: str = _opt("mnist", "Dataset to train on.", choices=("mnist", "fashion-mnist"))
-    data_dir: str = _opt("data", "Directory holding DATASET/raw/ (fetched there if missing).", nonempty=True)
+    data_dir: str = _opt(
+        "data",
+        f"Directory holding DATASET/raw/ (fetched there if missing); default ${DATA_DIR_ENV} if set, else data.",
+        nonempty=True,
+    )
     output_dir: str = _opt("runs/default", "Run directory: config, metrics, weights.", nonempty=True)
     # Model
     hidden_sizes: tuple[int, ...] = _opt((256,), "Hidden layer widths, e.g. 256 or 512,256.", min=1, max=MAX_WIDTH)
     # Schedule and batches
     epochs: int = _opt(10, "Passes over the training set.", min=1)
     max_steps: int | None = _opt(None, "Stop after this many optimizer steps (all epochs).", min=1)
-    batch_size: int = _opt(64, "Batch size; global or per device, see batch_mode.", min=1)
+    batch_size: int = _opt(
+        64, "Batch size; global or per device, see batch_mode.", min=1, max=TRAIN_IMAGES, why="the training set's size"
+    )
     batch_mode: str = _opt(
         "global",
         "global: batch_size is split over processes (same maths on 1..N); per_device: each process takes batch_size.",
@@ -59,7 +71,7 @@ class Config:
         "linear: multiply lr by global batch / batch_size (per_device mode on N processes).",
         choices=("none", "linear"),
     )
-    momentum: float = _opt(0.0, "SGD momentum.", min=0.0)
+    momentum: float = _opt(0.0, "SGD momentum.", min=0.0, max_exclusive=1.0, why="at 1 or more SGD diverges")
     nesterov: bool = _opt(False, "Nesterov momentum (needs momentum > 0).")
     weight_decay: float = _opt(0.0, "L2 weight decay.", min=0.0)
     grad_clip: float | None = _opt(None, "Clip the global gradient norm to this value.", min_exclusive=0.0)
@@ -75,12 +87,20 @@ class Config:
     warmup_fraction: float = _opt(
         0.0, "Fraction of all optimizer steps over which lr rises linearly to its value.", min=0.0, max=1.0
     )
-    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy targets.", min=0.0, max=1.0)
+    label_smoothing: float = _opt(
+        0.0,
+        "Label smoothing of the cross-entropy targets.",
+        min=0.0,
+        max_exclusive=1.0,
+        why="at 1 the targets are uniform: nothing is learnt",
+    )
     normalize: bool = _opt(
         False, "Standardise pixels with the training images' mean and std (folded into the saved weights)."
     )
     augment_translate: float = _opt(0.0, "Shift training images randomly by up to +-N pixels in x and y.", min=0.0)
-    augment_rotate: float = _opt(0.0, "Rotate training images randomly by up to +-N degrees.", min=0.0)
+    augment_rotate: float = _opt(
+        0.0, "Rotate training images randomly by up to +-N degrees.", min=0.0, max=180.0, why="+-180 is every angle"
+    )
     augment_scale: float = _opt(
         0.0, "Zoom training images randomly by a factor in [1-N, 1+N].", min=0.0, max_exclusive=1.0
     )
@@ -107,10 +127,19 @@ class Config:
         choices=("none", "default", "reduce-overhead", "max-autotune"),
     )
     log_every: int = _opt(100, "Log training loss every N optimizer steps.", min=1)
+    profile_steps: str | None = _opt(
+        None, "Trace these optimizer steps with torch.profiler, e.g. 200-220 (a file per rank in RUN_DIR/profiles/)."
+    )
     collective_timeout: int = _opt(
         300,
         "Seconds a process waits for the others in a collective before the job fails.",
         min=1,
+        max=MAX_TIMEOUT,
+    )
+    stall_timeout: int = _opt(
+        120,
+        "Seconds without progress on some rank before every rank ends, naming it (0: no watchdog; several processes).",
+        min=0,
         max=MAX_TIMEOUT,
     )
     rendezvous_timeout: int = _opt(
@@ -192,13 +221,36 @@ _SYNONYMS = {
 def _unknown_key_error(key: str, where: str) -> ConfigError:
     close = [_SYNONYMS[key]] if key in _SYNONYMS else difflib.get_close_matches(key, FIELDS, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(FIELDS)}"
-    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+    return ConfigError(f"unknown config key {_quoted(key)}{where}{hint}")
+
+
+def _quoted(key: Any) -> str:
+    """A key in quotes for a message: as written, or escaped when it holds line breaks or other controls."""
+    return f"'{key}'" if str(key).isprintable() else repr(str(key))
+
+
+# An example of a good value of each list key, for the messages.
+_LIST_EXAMPLES = {"hidden_sizes": "512,256", "wandb_tags": "baseline,sgd"}
+
+
+def _items(name: str, text: str) -> list[str]:
+    """The comma-separated items of ``text`` ("" has none); an empty item (``1,,2``, ``1,``) is an error,
+    not silently dropped."""
+    if not text.strip():
+        return []
+    items = [v.strip() for v in text.split(",")]
+    if not all(items):
+        example = _LIST_EXAMPLES.get(name, "a,b")
+        raise ConfigError(
+            f"config key '{name}' has an empty item in {text!r}; separate the values by single commas, e.g. {example}"
+        )
+    return items
 
 
 def _words(name: str, value: Any) -> tuple[str, ...]:
     # "a,b" on the command line, a YAML list or one string in a file; may be empty.
     if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
+        value = _items(name, value)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
         raise ConfigError(f"config key '{name}' must be a list of strings like a,b, got {value!r}")
     return tuple(v.strip() for v in value)
@@ -207,8 +259,9 @@ def _words(name: str, value: Any) -> tuple[str, ...]:
 def _integers(name: str, value: Any) -> tuple[int, ...]:
     # "512,256" on the command line, a YAML list, or one integer.
     if isinstance(value, str):
+        items = _items(name, value)
         try:
-            value = [int(v) for v in value.split(",") if v.strip()]
+            value = [int(v) for v in items]
         except ValueError:
             raise ConfigError(f"config key '{name}' must be integers like 256 or 512,256, got {value!r}") from None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -240,7 +293,7 @@ def _number(name: str, value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError
         value = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
         raise ConfigError(f"config key '{name}' must be a number, got {value!r}") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise ConfigError(f"config key '{name}' must be a finite number, got {value!r}")
@@ -285,24 +338,50 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"config key '{name}' must not be empty (null)")
     value = _READERS[_kind(name)](name, value)
     meta = FIELDS[name].metadata
+    why = f" ({meta['why']})" if "why" in meta else ""
     for v in value if isinstance(value, tuple) else (value,):
         for key, holds, sign in _BOUNDS:
             if key in meta and not holds(v, meta[key]):
-                raise ConfigError(f"config key '{name}' must be {sign} {meta[key]}, got {v!r}")
+                raise ConfigError(f"config key '{name}' must be {sign} {meta[key]}{why}, got {v!r}")
     return value
 
 
+_STEPS = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+
+
+def parse_steps(text: str | None) -> tuple[int, int] | None:
+    """``"200-220"`` -> ``(200, 220)``: the first and last optimizer step to profile (1-based,
+    inclusive); ``""``, ``"none"`` or None -> None (no profiling). Anything else is a ``ConfigError``."""
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return None
+    match = _STEPS.fullmatch(str(text))
+    first, last = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not 1 <= first <= last:
+        raise ConfigError(
+            f"config key 'profile_steps' must be FIRST-LAST steps like 200-220 (1 <= FIRST <= LAST), got {text!r}"
+        )
+    return first, last
+
+
 def _check_consistency(cfg: Config) -> None:
+    parse_steps(cfg.profile_steps)
     if cfg.nesterov and cfg.momentum <= 0:
         raise ConfigError("config key 'nesterov' needs 'momentum' > 0 (SGD's rule); set momentum: 0.9")
+    if cfg.val_size and cfg.batch_size > TRAIN_IMAGES - cfg.val_size:
+        raise ConfigError(
+            f"config key 'batch_size' ({cfg.batch_size}) must be at most the training part: "
+            f"{TRAIN_IMAGES} images less val_size {cfg.val_size} = {TRAIN_IMAGES - cfg.val_size}; "
+            "lower batch_size or val_size"
+        )
 
 
 def build_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Merge defaults < YAML file at ``path`` < ``overrides`` into a validated ``Config``.
 
-    ``overrides`` with value ``None`` mean "not given" and are ignored.
+    ``overrides`` with value ``None`` mean "not given" and are ignored. ``$MNIST_DATA_DIR``, when
+    set, is the default of ``data_dir`` (read now, not at import).
     """
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = {"data_dir": default_data_dir()}
     if path is not None:
         merged.update(_read_yaml(Path(path)))
     for key, value in (overrides or {}).items():
@@ -316,17 +395,93 @@ def build_config(path: str | os.PathLike | None = None, overrides: dict[str, Any
     return cfg
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def default_data_dir() -> str:
+    """The default of ``data_dir``: ``$MNIST_DATA_DIR`` if set (and not blank), else ``data``."""
+    value = os.environ.get(DATA_DIR_ENV, "")
+    return value if value.strip() else FIELDS["data_dir"].default
+
+
+# Byte-order marks a config file may start with (Windows Notepad writes one), and their encodings.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_SAVE_AS_UTF8 = "save it as UTF-8 (in Notepad: File > Save as, Encoding: UTF-8)"
+
+
+def _yaml_text(path: Path) -> str:
+    """A config file's text: UTF-8, or UTF-8, UTF-16 or UTF-32 with a byte-order mark."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc}); pass a readable file") from None
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not {encoding.upper().removesuffix('-SIG')} text (byte 0x{data[exc.start]:02x} "
+            f"at offset {exc.start}); {_SAVE_AS_UTF8}"
+        ) from None
+    if "\x00" in text:
+        raise ConfigError(
+            f"config file {path} holds NUL characters (UTF-16 without a byte-order mark?); {_SAVE_AS_UTF8}"
+        )
+    return text
+
+
+class _DuplicateKey(Exception):
+    """A key given twice in one YAML mapping: ``(key, first line, second line)``."""
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
     import yaml
 
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (pass an existing YAML file to --config)")
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                try:
+                    first = seen.setdefault(self.construct_object(key_node, deep=True), key_node)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not key_node:
+                    raise _DuplicateKey(key_node.value, first.start_mark.line + 1, key_node.start_mark.line + 1)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The YAML document of a config file; every problem is one ``ConfigError`` line naming the file."""
+    import yaml
+
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.load(_yaml_text(path), Loader=_yaml_loader())  # a SafeLoader: builds no Python objects
+    except _DuplicateKey as exc:
+        key, first, second = exc.args
+        where = f"line {first}" if first == second else f"lines {first} and {second}"
+        raise ConfigError(f"config file {path} sets {_quoted(key)} twice ({where}); keep one of them") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (pass an existing YAML file to --config)")
+    data = _parse_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -15,9 +15,15 @@ import signal
 class UserError(Exception):
     """An error whose message is the whole story: shown as one ``Error:`` line, exit status 1."""
 
+    exit_code = 1
+    quiet = False  # True: exit with the status, the line being said by another process of the job
+    recurs = True  # the same command would fail the same way again (no point in restarting it)
+
 
 class ConfigError(UserError, ValueError):
-    """A configuration problem, described in one line that names the key."""
+    """A configuration problem, described in one line that names the key. A usage error: exit status 2."""
+
+    exit_code = 2
 
 
 class DataError(UserError, RuntimeError):
@@ -55,6 +61,8 @@ class NonFiniteError(UserError, RuntimeError):
 class RendezvousError(UserError, RuntimeError):
     """The processes of a run did not all meet in time; the message says who waited for what."""
 
+    recurs = False  # a late node may be there next time
+
 
 class ReportError(UserError, ValueError):
     """The run directory lacks what a picture needs; the message says what."""
@@ -70,6 +78,17 @@ class ServeError(UserError, RuntimeError):
 
 class OutputPathError(UserError, ValueError):
     """An ``--output`` that would overwrite a run's own file or the command's input, or is a directory."""
+
+
+class PeerLostError(UserError, RuntimeError):
+    """A collective failed because another rank of the job died; the message names it. Exit status 4."""
+
+    exit_code = 4
+    recurs = False
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
 
 
 class Stopped(Exception):

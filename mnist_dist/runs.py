@@ -7,7 +7,8 @@
   written: loading a run's weights checks it, so a file changed since is refused;
 - ``model.safetensors``: the MLP's state dict;
 - ``history.jsonl``: one JSON record per logged step and epoch; ``misclassified.safetensors``;
-- ``curves.png``, ``confusion_matrix.png``, ``misclassified.png``: ``mnist-dist report``;
+- ``curves.png``, ``confusion_matrix.png``, ``misclassified.png`` (and ``timing.png`` for a run of
+  several processes): ``mnist-dist report``;
 - ``doctor.json``: the last preflight's report; ``wandb/``: wandb's files;
 - ``checkpoints/step-NNNNNNNN/``: checkpoints, each with its ``trainer_state.json``.
 
@@ -36,6 +37,7 @@ log = logging.getLogger("mnist_dist")
 CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE = "config.yaml", "metrics.json", "model.safetensors"
 HISTORY_FILE, MISCLASSIFIED_FILE = "history.jsonl", "misclassified.safetensors"
 CURVES_FILE, CONFUSION_FILE, GRID_FILE = "curves.png", "confusion_matrix.png", "misclassified.png"
+TIMING_FILE = "timing.png"  # runs of several processes: each rank's step time
 DOCTOR_FILE = "doctor.json"
 CHECKPOINTS_DIR, STATE_FILE = "checkpoints", "trainer_state.json"  # STATE_FILE: inside each checkpoint
 
@@ -151,7 +153,11 @@ def recorded_sha256(weights: Path) -> str | None:
 
 
 def weights_problem(weights: Path, data: bytes | None = None) -> tuple[str | None, bool]:
-    """``(what is wrong with a run's weights file or None, whether a checksum was recorded)``."""
+    """``(what is wrong with a run's weights file or None, whether a checksum was recorded)``.
+
+    A mismatch only says that the two files disagree: the weights may have changed, or the
+    checksum in ``metrics.json`` (an edit, a copy from another run).
+    """
     expected = recorded_sha256(weights)
     if expected is None:
         return None, False
@@ -160,7 +166,8 @@ def weights_problem(weights: Path, data: bytes | None = None) -> tuple[str | Non
         return None, True
     return (
         f"{weights} does not match the SHA-256 its run recorded in {weights.parent / METRICS_FILE} "
-        f"({actual[:12]}..., {expected[:12]}... was written): the file changed after training"
+        f"(the file's is {str(actual)[:12]}..., {str(expected)[:12]}... is recorded): the two disagree, so either "
+        f"the weights or the weights_sha256 of {METRICS_FILE} changed after training"
     ), True
 
 
@@ -176,9 +183,16 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     p = weights_file(path)
     data = p.read_bytes()
-    problem, _ = weights_problem(p, data)
+    problem, recorded = weights_problem(p, data)
     if problem:
-        raise WeightsChangedError(f"{problem}; retrain, or restore it from a copy you trust")
+        raise WeightsChangedError(f"{problem}; retrain, or restore both files from a copy you trust")
+    metrics = run_metrics(p)[0] if p.name == WEIGHTS_FILE and not recorded else None
+    if metrics is not None:  # a run's metrics.json without the checksum: say that nothing was checked
+        log.warning(
+            "%s records no weights_sha256: %s is loaded unchecked (written before checksums, or the key was removed)",
+            metrics,
+            p,
+        )
     try:
         return load(data)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -198,6 +212,7 @@ RUN_FILES = {
     CURVES_FILE: "a picture of the run's report",
     CONFUSION_FILE: "a picture of the run's report",
     GRID_FILE: "a picture of the run's report",
+    TIMING_FILE: "a picture of the run's report",
     LOCK_DIR: "the run's lock",
 }
 RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, HISTORY_FILE, CHECKPOINTS_DIR)  # any one makes a run directory

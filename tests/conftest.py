@@ -165,6 +165,17 @@ def history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
 
+def assert_same_weights(a: Path, b: Path) -> None:
+    import torch
+
+    from mnist_dist.runs import load_weights
+
+    wa, wb = load_weights(a), load_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"{key} differs"
+
+
 def max_difference(a: Path, b: Path) -> float:
     from mnist_dist.runs import load_weights
 
@@ -279,3 +290,30 @@ def saver():
         return save(accelerator, run_dir, position(step), rank, keep)
 
     return save_one
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory on a read-only filesystem (a tmpfs mounted ro; root ignores file modes, so a
+    mode of 0555 would prove nothing). Skipped where mounting is not permitted; unmounted after the test."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only filesystem here: {mounted.stderr.decode().strip() or 'mount failed'}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture(params=["a file", "read-only", "under /proc"])
+def unusable_data_dir(request, tmp_path) -> Path:
+    """A --data-dir the dataset cannot be fetched into: a file, a read-only filesystem, a path under /proc."""
+    if request.param == "a file":
+        path = tmp_path / "data.txt"
+        path.write_text("not a directory\n")
+        return path
+    if request.param == "read-only":
+        return request.getfixturevalue("read_only_dir")
+    return Path("/proc/mnist-dist-nowhere")

@@ -1,14 +1,20 @@
+import codecs
 import dataclasses
+import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mnist_dist.config import (
     FIELDS,
     Config,
     build_config,
     effective_lr,
+    field_type,
     global_batch_size,
     per_process_batch_size,
     save_config,
@@ -53,7 +59,7 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         ("shuffle", "yes", "'shuffle' must be true or false"),
         ("batch_mode", "local", "'batch_mode' must be one of global, per_device"),
         ("epochs", None, "'epochs' must not be empty"),
-        ("label_smoothing", 1.5, "'label_smoothing' must be <= 1.0"),
+        ("label_smoothing", 1.5, "'label_smoothing' must be < 1.0"),
         ("augment_scale", 1.0, "'augment_scale' must be < 1.0"),
         ("augment_rotate", -5, "'augment_rotate' must be >= 0"),
         ("lr_schedule", "step", "'lr_schedule' must be one of constant, cosine, linear"),
@@ -155,7 +161,8 @@ def test_shipped_accelerate_configs_load(path):
     assert str(cfg.distributed_type) in {"NO", "MULTI_GPU", "DistributedType.NO", "DistributedType.MULTI_GPU"}
 
 
-def test_reference_recipe_values():
+def test_reference_recipe_values(monkeypatch):
+    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
     cfg = build_config(REPO / "configs/train/reference.yaml")
     assert cfg == Config()
 
@@ -201,3 +208,190 @@ def test_a_runs_config_file_repeats_the_recipe_not_the_run(tmp_path):
     again = build_config(tmp_path / "config.yaml")
     assert (again.output_dir, again.resume) == (Config().output_dir, "auto")
     assert again == dataclasses.replace(cfg, output_dir=Config().output_dir, resume="auto")
+
+
+# -- values that used to be accepted, and wrong all the same: refused here, naming the key ----
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"batch_size": 100000}, "config key 'batch_size' must be <= 60000 (the training set's size), got 100000"),
+        (
+            {"batch_size": 59000, "val_size": 5000},
+            "config key 'batch_size' (59000) must be at most the training part: 60000 images less val_size 5000 "
+            "= 55000; lower batch_size or val_size",
+        ),
+        ({"momentum": 1.5}, "config key 'momentum' must be < 1.0 (at 1 or more SGD diverges), got 1.5"),
+        ({"momentum": 1}, "config key 'momentum' must be < 1.0 (at 1 or more SGD diverges), got 1.0"),
+        (
+            {"label_smoothing": 1},
+            "config key 'label_smoothing' must be < 1.0 (at 1 the targets are uniform: nothing is learnt), got 1.0",
+        ),
+        ({"augment_rotate": 1000}, "config key 'augment_rotate' must be <= 180.0 (+-180 is every angle), got 1000.0"),
+        (
+            {"hidden_sizes": "1,,2"},
+            "config key 'hidden_sizes' has an empty item in '1,,2'; separate the values by single commas, e.g. 512,256",
+        ),
+        (
+            {"hidden_sizes": "512,"},
+            "config key 'hidden_sizes' has an empty item in '512,'; separate the values by single commas, e.g. 512,256",
+        ),
+        (
+            {"wandb_tags": "a,,b"},
+            "config key 'wandb_tags' has an empty item in 'a,,b'; separate the values by single commas, "
+            "e.g. baseline,sgd",
+        ),
+    ],
+)
+def test_values_accepted_before_but_wrong_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        build_config(None, overrides)
+    assert str(info.value) == message
+
+
+def test_the_largest_sane_values_are_still_accepted():
+    cfg = build_config(None, {"batch_size": 60000, "momentum": 0.99, "label_smoothing": 0.99, "augment_rotate": 180})
+    assert (cfg.batch_size, cfg.momentum, cfg.label_smoothing, cfg.augment_rotate) == (60000, 0.99, 0.99, 180.0)
+    assert build_config(None, {"batch_size": 55000, "val_size": 5000}).batch_size == 55000
+    assert build_config(None, {"wandb_tags": ""}).wandb_tags == ()  # no tags, as before
+    assert build_config(None, {"hidden_sizes": " 512 , 256 "}).hidden_sizes == (512, 256)
+
+
+def test_a_key_given_twice_in_a_yaml_file_names_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.1\nepochs: 2\nlr: 0.2\n")  # PyYAML alone keeps 0.2, silently
+    with pytest.raises(ConfigError) as info:
+        build_config(path)
+    assert str(info.value) == f"config file {path} sets 'lr' twice (lines 1 and 3); keep one of them"
+    path.write_text("{lr: 0.1, lr: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"sets 'lr' twice \(line 1\); keep one of them"):
+        build_config(path)
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: text.encode("utf-8-sig"),  # Notepad's "UTF-8 with BOM"
+        lambda text: text.encode("utf-16"),  # Notepad's "Unicode" (UTF-16 LE with a byte-order mark)
+        lambda text: codecs.BOM_UTF16_BE + text.encode("utf-16-be"),  # "Unicode big endian"
+    ],
+    ids=["utf-8-bom", "utf-16-le", "utf-16-be"],
+)
+def test_a_config_saved_by_windows_notepad_is_read(tmp_path, encode):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(encode("# café\r\nlr: 0.1\r\nhidden_sizes: [128, 64]\r\n"))
+    cfg = build_config(path)
+    assert (cfg.lr, cfg.hidden_sizes) == (0.1, (128, 64))
+
+
+def test_a_config_in_another_encoding_is_one_line_naming_the_fix(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("# café\nlr: 0.1\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        build_config(path)
+    assert str(info.value) == (
+        f"config file {path} is not UTF-8 text (byte 0xe9 at offset 5); "
+        "save it as UTF-8 (in Notepad: File > Save as, Encoding: UTF-8)"
+    )
+    path.write_bytes("lr: 0.1\n".encode("utf-16-le"))  # UTF-16 without its byte-order mark
+    with pytest.raises(ConfigError, match=r"holds NUL characters \(UTF-16 without a byte-order mark\?\); save it as"):
+        build_config(path)
+
+
+def test_mnist_data_dir_is_the_default_of_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_DATA_DIR", "/shared/mnist")
+    assert build_config().data_dir == "/shared/mnist"
+    path = tmp_path / "c.yaml"
+    path.write_text("data_dir: from-file\n")
+    assert build_config(path).data_dir == "from-file"  # defaults < environment < file < options
+    assert build_config(path, {"data_dir": "from-option"}).data_dir == "from-option"
+    monkeypatch.setenv("MNIST_DATA_DIR", " ")
+    assert build_config().data_dir == "data"
+    monkeypatch.delenv("MNIST_DATA_DIR")
+    assert build_config().data_dir == "data"
+
+
+# -- fuzzing: whatever a file or an option holds, a Config or one ConfigError line naming the key --
+
+# In CI each fuzz test tries the same 300 cases every run (derandomize); HYPOTHESIS_PROFILE=long
+# tries 20,000 new ones (add --hypothesis-seed=N to repeat a run). See docs/testing.md.
+settings.register_profile(
+    "ci", max_examples=300, derandomize=True, deadline=timedelta(seconds=2), database=None, print_blob=True
+)
+settings.register_profile("long", max_examples=20_000, deadline=None, database=None, print_blob=True)
+FUZZ = settings(settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci")))
+
+KEYS = st.sampled_from(sorted(FIELDS))
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
+VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz") / "config.yaml"
+
+
+def config_or_error_naming(keys, build) -> None:
+    """``build()`` gives a ``Config``, or raises a one-line ``ConfigError`` naming one of ``keys``;
+    any other exception fails the test."""
+    try:
+        cfg = build()
+    except ConfigError as exc:
+        message = str(exc)
+        named = [f"'{key}'" if str(key).isprintable() else repr(str(key)) for key in keys]  # controls escaped
+        assert "\n" not in message and any(name in message for name in named), message
+    else:
+        assert isinstance(cfg, Config)
+
+
+@FUZZ
+@given(key=KEYS, value=VALUES)
+def test_fuzz_any_yaml_value_of_any_key(fuzz_file, key, value):
+    fuzz_file.write_text(yaml.safe_dump({key: value}))
+    config_or_error_naming([key], lambda: build_config(fuzz_file))
+
+
+@FUZZ
+@given(doc=st.dictionaries(KEYS | st.text(max_size=12), VALUES, max_size=6))
+def test_fuzz_any_mapping_of_known_and_unknown_keys(fuzz_file, doc):
+    fuzz_file.write_text(yaml.safe_dump(doc))
+    config_or_error_naming(doc, lambda: build_config(fuzz_file))
+
+
+@FUZZ
+@given(
+    data=st.binary(max_size=60)
+    | st.text(max_size=60).map(str.encode)
+    | st.builds(lambda key, text: f"{key}: {text}\n".encode(), KEYS, st.text(max_size=30))
+)
+def test_fuzz_any_bytes_as_a_config_file(fuzz_file, data):
+    fuzz_file.write_bytes(data)
+    try:
+        build_config(fuzz_file)
+    except ConfigError as exc:  # one line, naming the file or the key
+        message = str(exc)
+        assert "\n" not in message and (str(fuzz_file) in message or "config key '" in message), message
+
+
+OPTION_KEYS = st.sampled_from(sorted(k for k in FIELDS if field_type(k) is not bool))  # booleans take no value
+NUMBERS = st.from_regex(r"-?[0-9]{0,30}(\.[0-9]{0,5})?(e-?[0-9]{1,3})?", fullmatch=True)
+
+
+@FUZZ
+@given(key=OPTION_KEYS, text=st.text(max_size=20) | NUMBERS | st.from_regex(r"[0-9, ]{0,12}", fullmatch=True))
+def test_fuzz_any_command_line_value(key, text):
+    import click
+
+    from mnist_dist.cli import train_command
+
+    flag = "--" + key.replace("_", "-")
+    try:
+        ctx = train_command.make_context("train", [f"{flag}={text}"])
+    except click.UsageError as exc:  # refused by the option's type: a usage error naming the option (exit 2)
+        assert flag in exc.format_message(), exc.format_message()
+        return
+    overrides = {k: v for k, v in ctx.params.items() if k != "config_path"}
+    config_or_error_naming([key], lambda: build_config(None, overrides))

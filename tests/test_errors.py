@@ -43,9 +43,16 @@ def test_the_command_line_prints_a_user_error_as_one_line(tmp_path):
 
     from mnist_dist.cli import main
 
-    result = CliRunner().invoke(main, ["checkpoints", "verify", str(tmp_path)])  # no error: nothing to check
-    assert result.exit_code == 0 and "no checkpoints" in result.output
+    result = CliRunner().invoke(main, ["checkpoints", "verify", str(tmp_path)])  # nothing to check is an error
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {tmp_path} holds no run (")
+    assert result.output.count("\n") == 1
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 1 and result.output == (
         f"Error: {tmp_path / 'history.jsonl'} does not exist: pass the --output-dir of a training run\n"
     )
+
+
+def test_a_config_error_is_a_usage_error_and_every_other_user_error_exits_1():
+    """Exit status 2 for what the command line or the config file got wrong (as for a bad option), 1 otherwise."""
+    assert errors.ConfigError("x").exit_code == 2
+    assert errors.UserError("x").exit_code == errors.DataError("x").exit_code == errors.RunDirError("x").exit_code == 1

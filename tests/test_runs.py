@@ -179,3 +179,44 @@ def test_check_output_refuses_a_directory_and_allows_new_files_anywhere_else(tmp
     (tmp_path / "loose/model.safetensors").write_bytes(b"w")
     for allowed in (run / "eval.json", run / "model.pt", tmp_path / "loose/model.safetensors", tmp_path / "new/x.json"):
         assert check_output(str(allowed), (run / "model.safetensors",)) == allowed
+
+
+def test_an_edited_checksum_is_not_blamed_on_the_weights(tmp_path):
+    """metrics.json changed, the weights did not: the message says the two disagree, either may have changed."""
+    import json
+
+    from mnist_dist.errors import WeightsChangedError
+
+    _run_with_weights(tmp_path / "run")
+    metrics = tmp_path / "run/metrics.json"
+    body = json.loads(metrics.read_text())
+    body["weights_sha256"] = "0" * 64
+    metrics.write_text(json.dumps(body))
+    with pytest.raises(WeightsChangedError) as info:
+        load_weights(tmp_path / "run")
+    message = str(info.value)
+    assert "the file changed after training" not in message
+    assert f"{tmp_path / 'run/model.safetensors'} does not match the SHA-256 its run recorded in {metrics}" in message
+    assert "000000000000... is recorded): the two disagree, so either the weights or the weights_sha256 of " in message
+    assert message.endswith("metrics.json changed after training; retrain, or restore both files from a copy you trust")
+
+
+def test_a_run_whose_checksum_was_removed_loads_with_one_warning(tmp_path, caplog):
+    import json
+
+    state = _run_with_weights(tmp_path / "run")
+    metrics = tmp_path / "run/metrics.json"
+    metrics.write_text(json.dumps({"test_accuracy": 0.9}))  # weights_sha256 deleted
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        loaded = load_weights(tmp_path / "run")
+    assert all(torch.equal(state[k], loaded[k]) for k in state)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{metrics} records no weights_sha256: {tmp_path / 'run/model.safetensors'} is loaded unchecked "
+        "(written before checksums, or the key was removed)"
+    ]
+    caplog.clear()
+    bare = tmp_path / "bare.safetensors"  # a weights file with no run around it: nothing to say
+    bare.write_bytes((tmp_path / "run/model.safetensors").read_bytes())
+    with caplog.at_level("WARNING", logger="mnist_dist"):
+        load_weights(bare)
+    assert caplog.records == []

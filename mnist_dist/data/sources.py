@@ -122,14 +122,32 @@ def ensure_dataset(data_dir: str | os.PathLike, dataset: str = "mnist", replace_
     spec = DATASETS[dataset]
     raw = raw_dir(data_dir, spec)
     if not _to_fetch(spec, raw, data_dir, replace_corrupt, quiet=True):
-        return raw
-    raw.mkdir(parents=True, exist_ok=True)
-    # Several nodes may share data_dir: one fetches, the others wait and then find the files.
-    with _fetch_lock(raw):
-        todo = _to_fetch(spec, raw, data_dir, replace_corrupt)
-        if todo:
-            _fetch(spec, raw, todo, data_dir)
+        return raw  # verified: a read-only data directory is fine
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        # Several nodes may share data_dir: one fetches, the others wait and then find the files.
+        with _fetch_lock(raw):
+            todo = _to_fetch(spec, raw, data_dir, replace_corrupt)
+            if todo:
+                _fetch(spec, raw, todo, data_dir)
+    except OSError as exc:  # not a directory, read-only, no permission, full: one line, no traceback
+        raise _unwritable(data_dir, raw, exc) from None
     return raw
+
+
+def _unwritable(data_dir: str | os.PathLike, raw: Path, exc: OSError) -> DataError:
+    """The error for a data directory the dataset cannot be fetched into: what is in the way, and the fix."""
+    reason = exc.strerror or str(exc)
+    fix = f"pass a writable directory with --data-dir (or MNIST_DATA_DIR), or fetch it elsewhere and copy it to {raw}"
+    for path in (raw, *raw.parents):
+        try:
+            if path.exists() and not path.is_dir():
+                reason = f"{path} is a file, not a directory"
+                fix = "pass a directory with --data-dir (or MNIST_DATA_DIR)"
+                break
+        except OSError:
+            break
+    return DataError(f"data directory {data_dir} cannot be used: cannot create or write {raw} ({reason}); {fix}")
 
 
 def _to_fetch(spec: DatasetSpec, raw: Path, data_dir, replace_corrupt: bool, quiet: bool = False) -> list[IdxFile]:

@@ -102,12 +102,14 @@ def join(peers: Peers, timeout: float):
         except RendezvousError as exc:
             raise RendezvousError(f"{exc}{where_written(debug_log)}") from None
         except Signalled as exc:
-            raise RendezvousError(
+            stopped = RendezvousError(
                 f"{peers.who} was stopped by {exc.name} while waiting at {peers.addr}:{peers.port} for the "
                 f"others ({arrived[0]} of {peers.world_size} {peers.unit}s in): a node that failed ends the whole "
                 f"job step, so look for the first error in the other nodes' output; {PREFLIGHT}"
                 f"{where_written(debug_log)}"
-            ) from None
+            )
+            stopped.exit_code = 128 + exc.signum  # as for any process a signal ends: 130 after Ctrl-C
+            raise stopped from None
     return PrefixStore(peers.scope, store)
 
 
@@ -116,8 +118,11 @@ def wait_for_nodes(nodes: int, node_rank: int, addr: str, port: int, timeout: fl
 
     Node 0 hosts a store on ``addr:port`` for the time of the wait; the launcher takes
     the port over afterwards. A stop signal (a scheduler ending the job step) ends the
-    wait with the one line, naming how many nodes had arrived.
+    wait with the one line, naming how many nodes had arrived. A rank that is not one of
+    ``nodes`` is refused at once (it would wait for a node that never comes).
     """
+    if not 0 <= node_rank < nodes:
+        raise RendezvousError(f"node rank {node_rank} is not a node of {nodes}: node ranks are 0 to {nodes - 1}")
     if nodes <= 1:
         return 0.0
     start = time.monotonic()

@@ -46,10 +46,10 @@ def call_before(deadline: float, make):
 
 
 class Signalled(Exception):
-    """A stop signal arrived during a wait; ``name`` is the signal's (SIGTERM, SIGINT)."""
+    """A stop signal arrived during a wait; ``name`` is the signal's (SIGTERM, SIGINT), ``signum`` its number."""
 
     def __init__(self, signum: int) -> None:
-        self.name = signal.Signals(signum).name
+        self.signum, self.name = signum, signal.Signals(signum).name
         super().__init__(self.name)
 
 

@@ -5,7 +5,9 @@ torchrun, or ``sbatch launch/doctor.sbatch`` on every node of an allocation. Eve
 looks at itself (versions, devices, SLURM, run directory, data), the ranks meet within
 a short timeout, exchange a real all-reduce and all-gather, check that the run directory
 is the same on every node, and the main process prints one table and writes a JSON report.
-The exit status is 1 when training would fail or hang.
+It also runs what training checks before its first step on the same launch and config
+(``startup.py``: the batch split, the run directory's lock and resume point), so that "all
+checks passed" means training will start. The exit status is 1 when training would fail or hang.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from ..config import FIELDS, Config, global_batch_size
 from ..runs import DOCTOR_FILE
-from . import verdicts
+from . import startup, verdicts
 from .collectives import check_collectives
 from .facts import FAIL, OK, Check, local_facts, sees_token, wandb_plan, write_token
 
@@ -54,7 +56,8 @@ def run_doctor(cfg: Config, report: str | None = None) -> int:
     from accelerate.utils import gather_object
 
     everyone = sorted(gather_object([facts]), key=lambda f: f["rank"])
-    checks = _verdicts(cfg, everyone, plan=_wandb(cfg, accelerator.is_main_process))
+    world = _training_world(everyone, accelerator.num_processes)
+    checks = _verdicts(cfg, everyone, world, _main_checks(cfg, accelerator, world))
     checks.insert(4, _met(accelerator.num_processes, joined))
     checks.insert(5, comm)
     if accelerator.is_main_process:
@@ -63,20 +66,44 @@ def run_doctor(cfg: Config, report: str | None = None) -> int:
     return 1 if any(c.status == FAIL for c in checks) else 0
 
 
-def _verdicts(cfg: Config, facts: list[dict[str, Any]], plan: Check | None) -> list[Check]:
-    checks = [
+def _verdicts(cfg: Config, facts: list[dict[str, Any]], world: int, main_checks: list[Check]) -> list[Check]:
+    return [
         verdicts.versions_agree(facts),
         verdicts.devices_seen(facts),
         verdicts.launch_shape(facts),
         verdicts.slurm_allocation(facts),
         *verdicts.run_directory(facts, cfg.output_dir),
         verdicts.data_present(facts, cfg.data_dir, cfg.dataset),
+        startup.batch_split(cfg, world),
+        *main_checks,
     ]
-    return checks + ([plan] if plan else [])
 
 
-def _wandb(cfg: Config, is_main: bool) -> Check | None:
-    return wandb_plan(cfg, cfg.output_dir) if is_main else None
+def _training_world(facts: list[dict[str, Any]], doctors: int) -> int:
+    """The processes training starts on this launch: on each node, the ones its facts report
+    (``procs_per_node``: PROCS_PER_NODE under launch/doctor.sbatch, which runs one doctor per node).
+    ``facts`` of every rank, or only rank 0's when the others never came (``doctors``: the ranks meant)."""
+    import os
+
+    per_node = {f["node"]: f["procs_per_node"] for f in facts}
+    if len(facts) == doctors:
+        return sum(per_node.values())
+    return doctors // int(os.environ.get("LOCAL_WORLD_SIZE") or 1) * facts[0]["procs_per_node"]
+
+
+def _on_main(cfg: Config, world: int) -> list[Check]:
+    """The checks only the main process runs: the resume point (under the run directory's lock), wandb."""
+    return [startup.resume_plan(cfg, world), wandb_plan(cfg, cfg.output_dir)]
+
+
+def _main_checks(cfg: Config, accelerator, world: int) -> list[Check]:
+    """``_on_main``'s checks, shared with every rank (the exit status is the same everywhere)."""
+    box = [_on_main(cfg, world) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box)
+    return box[0]
 
 
 def _met(world: int, seconds: float) -> Check:
@@ -109,8 +136,11 @@ def _sees_main_token(cfg: Config, accelerator) -> bool:
 
 def _report_alone(cfg: Config, facts: dict[str, Any], exc: Exception, report: str | None) -> int:
     """Rank 0 waited in vain: its own checks, and the rendezvous line."""
+    from ..distributed.runtime import world_size_from_env
+
     facts["sees_token"] = True  # no other node to compare with
-    checks = _verdicts(cfg, [facts], plan=_wandb(cfg, True))
+    world = _training_world([facts], world_size_from_env())  # the launch that was meant, not the ranks that came
+    checks = _verdicts(cfg, [facts], world, _on_main(cfg, world))
     checks.insert(4, Check("rendezvous", FAIL, str(exc)))
     _publish(cfg, checks, [facts], {}, report)
     return 1

@@ -82,16 +82,28 @@ def launch_shape(facts: list[dict[str, Any]]) -> Check:
                     "per node (PROCS_PER_NODE, --num_processes) to use them all"
                 )
         else:
-            threads = fs[0]["devices"]["threads"]
-            parts.append(f"{node}: {procs} CPU process(es) x {threads} thread(s) on {d['cpus']} CPU(s)")
-            if procs * threads > d["cpus"]:
-                warnings.append(
-                    f"node {node}: {procs} process(es) x {threads} threads on {d['cpus']} CPUs is "
-                    f"oversubscribed (slower); set OMP_NUM_THREADS={max(1, d['cpus'] // procs)}"
-                )
+            parts.append(f"{node}: {procs} CPU process(es) x {d['threads']} thread(s) on {d['cpus']} CPU(s)")
+            if warning := _cpu_oversubscribed(node, procs, d):
+                warnings.append(warning)
     if warnings:
         return Check("launch shape", WARN, "; ".join(warnings))
     return Check("launch shape", OK, "; ".join(parts))
+
+
+def _cpu_oversubscribed(node: str, procs: int, d: dict[str, Any]) -> str | None:
+    """Why CPU processes on a node would share its CPUs (slower), named by its real cause, and the fix."""
+    cpus, threads = d["cpus"], d["threads"]
+    if procs > cpus:  # fewer threads cannot help: there are more processes than CPUs
+        return (
+            f"node {node}: {procs} CPU processes on {cpus} CPU(s) is oversubscribed (more processes than "
+            f"CPUs, slower); launch at most {cpus} per node (--num_processes, PROCS_PER_NODE)"
+        )
+    if procs * threads > cpus:
+        return (
+            f"node {node}: {procs} process(es) x {threads} threads on {cpus} CPUs is "
+            f"oversubscribed (slower); set OMP_NUM_THREADS={max(1, cpus // procs)}"
+        )
+    return None
 
 
 def slurm_allocation(facts: list[dict[str, Any]]) -> Check:

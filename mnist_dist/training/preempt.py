@@ -1,7 +1,8 @@
 """Stopping on a signal: every rank stops at the same step, saves a checkpoint, and exits.
 
-SIGTERM (a plain ``kill``, ``scancel``, torchrun passing on its own SIGTERM) and SIGUSR1
-(what ``sbatch --signal=USR1@SECONDS`` sends before the time limit) only set a flag.
+SIGTERM (a plain ``kill``, ``scancel``, torchrun passing on its own SIGTERM), SIGUSR1
+(what ``sbatch --signal=USR1@SECONDS`` sends before the time limit) and SIGINT (Ctrl-C;
+a second Ctrl-C stops at once) only set a flag.
 The training loop shares the flags of all ranks at its next log interval or epoch end,
 in the same all-reduce that averages the loss, so all ranks see the same verdict at the
 same step with no extra collective. Under SLURM, a stop by SIGUSR1 then requeues the job
@@ -18,7 +19,7 @@ import threading
 
 log = logging.getLogger("mnist_dist")
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopFlags:
@@ -32,6 +33,8 @@ class StopFlags:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # only sets a flag: safe at any point of the loop
+        if signum == signal.SIGINT and self.received[signum]:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop at once, without waiting for the checkpoint
         self.received[signum] = True
 
     def local(self) -> list[float]:
@@ -40,12 +43,12 @@ class StopFlags:
 
     @staticmethod
     def verdict(summed: list[float]) -> int | None:
-        """The signal all ranks stop for, from the flags summed over ranks: SIGUSR1 wins (it asks for a requeue)."""
+        """The signal all ranks stop for, from the flags summed over ranks: SIGUSR1 wins (it asks for a
+        requeue), then SIGTERM, then SIGINT (Ctrl-C)."""
         flags = dict(zip(SIGNALS, summed))
-        if flags[signal.SIGUSR1] > 0:
-            return signal.SIGUSR1
-        if flags[signal.SIGTERM] > 0:
-            return signal.SIGTERM
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            if flags[sig] > 0:
+                return sig
         return None
 
     def restore(self) -> None:

@@ -150,3 +150,44 @@ def test_installing_beside_a_good_copy_leaves_it_alone(copy_of_mnist, tmp_path):
     before = (raw / f.name).stat().st_ino
     data._install(other, raw, f)
     assert (raw / f.name).stat().st_ino == before and not list(raw.glob("*.corrupt"))
+
+
+# -- a data directory that cannot take the dataset: one DataError line, nothing fetched or written --
+
+
+def test_an_unusable_data_dir_is_one_line_naming_it_and_the_fix(unusable_data_dir, monkeypatch):
+    def never(tmp, todo):
+        raise AssertionError("nothing is fetched into a directory that cannot hold it")
+
+    monkeypatch.setattr(data, "_sources", lambda spec: [("mirror", never)])
+    before = unusable_data_dir.read_bytes() if unusable_data_dir.is_file() else None
+    with pytest.raises(DataError) as err:
+        ensure_dataset(unusable_data_dir, "mnist")
+    message = str(err.value)
+    assert message.startswith(f"data directory {unusable_data_dir} cannot be used: cannot create or write ")
+    assert "\n" not in message and "--data-dir" in message and "MNIST_DATA_DIR" in message
+    reason = {
+        "a file": f"({unusable_data_dir} is a file, not a directory); pass a directory with --data-dir",
+        "read-only": "(Read-only file system); pass a writable directory with --data-dir",
+        "under /proc": "(No such file or directory); pass a writable directory with --data-dir",
+    }
+    assert any(r in message for r in reason.values()), message
+    if before is not None:
+        assert unusable_data_dir.read_bytes() == before
+
+
+def test_a_read_only_data_dir_that_holds_the_dataset_is_used_as_it_is(data_dir, tmp_path):
+    """Verified files need no write: a shared read-only copy (a cluster's datasets mount) just works."""
+    import subprocess
+
+    view = tmp_path / "view"
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(data_dir), str(view)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount a read-only view here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        with pytest.raises(OSError):
+            (view / "probe").write_text("")  # really read-only
+        assert ensure_dataset(view, "mnist") == raw_dir(view, MNIST)
+    finally:
+        subprocess.run(["umount", str(view)], check=True)

@@ -320,3 +320,36 @@ def test_waiting_for_a_port_ends_at_the_deadline_or_when_it_opens():
         s.bind(("127.0.0.1", port))
         s.listen()
         assert wait_for_port("127.0.0.1", port, time.monotonic() + 5) is None
+
+
+@pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_during_the_node_wait_is_one_line_and_128_plus_the_signal(sig, status):
+    """Ctrl-C (or a scheduler's SIGTERM) while node 0 waits for node 1: the line, then 130 (143), not 1."""
+    import signal
+
+    (port,) = free_ports(1)
+    cmd = nodes_cmd(0, port)
+    cmd[cmd.index("--timeout") + 1] = "60"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port("127.0.0.1", port, time.monotonic() + 30)  # node 0 hosts the store: it is waiting
+        proc.send_signal(getattr(signal, sig))
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, stderr
+    line = one_error_line(subprocess.CompletedProcess(cmd, proc.returncode, "", stderr))
+    assert "node 0 of 2 (node " in line and f"was stopped by {sig} while waiting at 127.0.0.1:{port}" in line
+    if "(torch's messages: " in line:  # the store's own notes on our probe of its port
+        Path(line.split("(torch's messages: ")[1].split(")")[0]).unlink(missing_ok=True)
+
+
+def test_a_node_rank_outside_the_job_is_refused_before_any_wait():
+    from mnist_dist.distributed.rendezvous import wait_for_nodes
+
+    start = time.monotonic()
+    for nodes, rank in ((2, 5), (2, 2), (1, 1), (3, -1)):
+        with pytest.raises(RendezvousError, match=f"node rank {rank} is not a node of {nodes}: node ranks are 0 to"):
+            wait_for_nodes(nodes, rank, "127.0.0.1", 29999, timeout=60)
+    assert time.monotonic() - start < 1

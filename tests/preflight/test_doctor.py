@@ -26,6 +26,8 @@ CHECKS = [
     "run directory",
     "disk",
     "data",
+    "batch",
+    "resume",
     "wandb",
 ]
 
@@ -71,6 +73,30 @@ def test_two_processes_exchange_and_measure_the_all_reduce(tmp_path, data_dir):
     assert figures["estimated_speedup"] > 0
     assert len(report(tmp_path / "run")["ranks"]) == 2
     print("doctor, 2 CPU processes:", table["collectives"][1])
+
+
+@pytest.mark.multiprocess
+def test_a_launch_that_training_refuses_never_passes(tmp_path, data_dir):
+    """3 processes with batch 64: the doctor said "all checks passed", then training refused the split.
+    Its oversubscription warning said "set OMP_NUM_THREADS=1" when it was 1 already."""
+    import os
+
+    run = tmp_path / "run"
+    args = ["mnist_dist.doctor", "--cpu", "--tracker", "none", "--data-dir", str(data_dir), "--output-dir", str(run)]
+    proc = run_cli(args, processes=3, timeout=240)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    table = rows(proc.stdout)
+    assert table["batch"] == (
+        "FAIL",
+        "config key 'batch_size' (64) must be divisible by the number of processes (3) in batch_mode 'global'; "
+        "use a multiple of 3 or batch_mode: per_device",
+    )
+    assert "all checks passed" not in proc.stdout and "1 check(s) failed (batch)" in proc.stdout
+    assert report(run)["failed"] == ["batch"] and table["resume"] == ("OK", f"fresh start in {run} (resume: auto)")
+    result, detail = table["launch shape"]
+    assert "OMP_NUM_THREADS=1" not in detail
+    if len(os.sched_getaffinity(0)) < 3:
+        assert result == "WARN" and "3 CPU processes on" in detail and "(more processes than CPUs, slower)" in detail
 
 
 def test_missing_data_is_named_with_the_fetch_command(tmp_path):
@@ -124,6 +150,22 @@ def test_the_doctor_waits_a_minute_unless_told_otherwise():
 
     assert doctor_timeout(build_config(None, {})) == DOCTOR_TIMEOUT == 60
     assert doctor_timeout(build_config(None, {"rendezvous_timeout": 5})) == 5
+
+
+def test_the_batch_is_checked_for_the_processes_training_will_start(monkeypatch):
+    """Not the doctor's own processes: launch/doctor.sbatch runs one per node for PROCS_PER_NODE of training."""
+    from mnist_dist.preflight.doctor import _training_world
+
+    def ranks(nodes: int, per_node: int, doctors_per_node: int) -> list[dict]:
+        doctors = range(nodes * doctors_per_node)
+        return [{"node": f"n{i // doctors_per_node}", "procs_per_node": per_node} for i in doctors]
+
+    assert _training_world(ranks(1, 3, 3), 3) == 3  # accelerate launch --num_processes 3 -m mnist_dist.doctor
+    assert _training_world(ranks(2, 4, 1), 2) == 8  # sbatch --nodes=2 launch/doctor.sbatch, PROCS_PER_NODE=4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert _training_world(ranks(1, 4, 1), 2) == 8  # rank 0 alone: the other node never came
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert _training_world(ranks(1, 1, 1), 1) == 1
 
 
 def test_the_cli_loads_the_doctor_only_when_it_runs():

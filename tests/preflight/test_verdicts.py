@@ -58,6 +58,19 @@ def test_oversubscribed_cpu_processes_are_a_warning(facts):
     assert check.status == WARN and "set OMP_NUM_THREADS=2" in check.detail
 
 
+def test_more_cpu_processes_than_cpus_is_named_as_the_cause(facts):
+    """3 processes of 1 thread on 2 CPUs: fewer threads cannot help (it used to say: set OMP_NUM_THREADS=1)."""
+    for f in facts:
+        f["devices"].update(uses="cpu", cpus=2, threads=1)
+        f["procs_per_node"] = 3
+    check = diagnose.launch_shape(facts)
+    assert check.status == WARN and "OMP_NUM_THREADS" not in check.detail
+    assert check.detail.startswith(
+        f"node {facts[0]['node']}: 3 CPU processes on 2 CPU(s) is oversubscribed (more processes than CPUs, "
+        "slower); launch at most 2 per node (--num_processes, PROCS_PER_NODE)"
+    )
+
+
 def test_a_run_directory_not_shared_between_nodes_is_named(facts):
     shared, disk = diagnose.run_directory(facts, "runs/x")
     assert (shared.status, disk.status) == (OK, OK) and "the same on all 2 nodes" in shared.detail

@@ -5,6 +5,8 @@ import os
 import signal
 import stat
 
+import pytest
+
 from mnist_dist.training.preempt import StopFlags, requeue_slurm_job
 
 
@@ -12,18 +14,31 @@ def test_a_signal_only_sets_a_flag_until_the_handlers_are_restored():
     before = signal.getsignal(signal.SIGUSR1)
     flags = StopFlags()
     try:
-        assert flags.local() == [0.0, 0.0]
+        assert flags.local() == [0.0, 0.0, 0.0]
         os.kill(os.getpid(), signal.SIGUSR1)  # a real signal: the process goes on
-        assert flags.local() == [0.0, 1.0]
+        assert flags.local() == [0.0, 1.0, 0.0]
     finally:
         flags.restore()
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
+def test_ctrl_c_once_asks_for_the_checkpoint_and_twice_stops_at_once():
+    flags = StopFlags()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flags.local() == [0.0, 0.0, 1.0]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        flags.restore()
+
+
 def test_the_ranks_agree_on_one_verdict_and_a_requeue_wins():
-    assert StopFlags.verdict([0.0, 0.0]) is None
-    assert StopFlags.verdict([2.0, 0.0]) == signal.SIGTERM  # summed over 2 ranks
-    assert StopFlags.verdict([1.0, 1.0]) == signal.SIGUSR1  # one rank asked for a requeue
+    assert StopFlags.verdict([0.0, 0.0, 0.0]) is None
+    assert StopFlags.verdict([2.0, 0.0, 0.0]) == signal.SIGTERM  # summed over 2 ranks
+    assert StopFlags.verdict([1.0, 1.0, 1.0]) == signal.SIGUSR1  # one rank asked for a requeue
+    assert StopFlags.verdict([1.0, 0.0, 1.0]) == signal.SIGTERM  # a scheduler's stop before a Ctrl-C
+    assert StopFlags.verdict([0.0, 0.0, 1.0]) == signal.SIGINT
 
 
 def test_requeue_outside_slurm_does_nothing(monkeypatch):
