@@ -1,11 +1,16 @@
 """Benchmark: the naive pipeline, the compute floor and mnist-dist, side by side.
 
     python bench/run.py [--repeats 3] [--data-dir data] [--write bench/RESULTS.md]
+    python bench/run.py --against /tmp/before --only "mnist-dist, 2 processes, global batch"
 
 Each configuration runs as a whole process (start to exit), interleaved round by round
 so that machine noise hits all alike; figures are medians over the rounds. Peak memory
 is the largest resident set of any one process of the command (``/usr/bin/time``'s
 maximum resident set size, which is per process).
+
+``--against DIR`` also runs the chosen mnist-dist configurations from another checkout of
+the project (``git worktree add DIR COMMIT``), interleaved with this tree's: the cost of a
+change, measured side by side (e.g. the stall watchdog and the per-rank timing).
 """
 
 from __future__ import annotations
@@ -60,12 +65,16 @@ def configurations(data_dir: str) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def measure(cmd: list[str], kind: str, env: dict) -> dict:
+AGAINST = " (against)"
+
+
+def measure(cmd: list[str], kind: str, env: dict, tree: Path = REPO) -> dict:
     with tempfile.TemporaryDirectory() as out:
         if kind == "run":
             cmd = [*cmd, "--output-dir", out]
         start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=REPO, env=env, capture_output=True, text=True)
+        env = {**env, "PYTHONPATH": str(tree)}  # `-m mnist_dist...` imports that tree's package
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=tree, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -117,6 +126,10 @@ def table(results: dict[str, list[dict]]) -> str:
     if imp and ours:
         above = median(ours, "peak_mb") - median(imp, "peak_mb")
         lines.append(f"- mnist-dist peak RSS above the bare import: **{above:.0f} MB**")
+    for name, rows in results.items():
+        if name.endswith(AGAINST) and name.removesuffix(AGAINST) in results:
+            this = median(results[name.removesuffix(AGAINST)], "train") / median(rows, "train")
+            lines.append(f"- {name.removesuffix(AGAINST)}, training time, this tree / the other: **{this:.3f}x**")
     return "\n".join(lines)
 
 
@@ -126,6 +139,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names as printed)")
     parser.add_argument("--write", help="also write the results as Markdown to this file")
+    parser.add_argument("--against", help="another checkout whose mnist-dist configurations run beside these")
     args = parser.parse_args()
     from mnist_dist.data.sources import ensure_dataset
 
@@ -134,10 +148,15 @@ def main() -> None:
     configs = configurations(args.data_dir)
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only}
+    trees = {name: REPO for name in configs}
+    if args.against:
+        for name, config in list(configs.items()):
+            if config[1] == "run":
+                configs[name + AGAINST], trees[name + AGAINST] = config, Path(args.against).resolve()
     results: dict[str, list[dict]] = {name: [] for name in configs}
     for round_ in range(args.repeats):
         for name, (cmd, kind) in configs.items():
-            r = measure(cmd, kind, env)
+            r = measure(cmd, kind, env, trees[name])
             results[name].append(r)
             print(
                 f"round {round_ + 1}/{args.repeats} {name}: " + json.dumps({k: round(v, 4) for k, v in r.items()}),

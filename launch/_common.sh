@@ -100,4 +100,8 @@ RESTART_NOTE=""
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
     RESTART_NOTE=" (restart $SLURM_RESTART_COUNT: resuming from the newest checkpoint)"
 fi
-export NNODES MAIN_ADDR MAIN_PORT PROCS_PER_NODE LAUNCH_CONFIG RENDEZVOUS_TIMEOUT
+# In-job restarts: after a lost or stalled rank the launcher restarts the workers up to
+# MAX_RESTARTS times, and they resume from the newest checkpoint (an error that would recur,
+# such as a bad config, ends the job at once instead). 0: the job ends, SLURM may requeue it.
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+export NNODES MAIN_ADDR MAIN_PORT PROCS_PER_NODE LAUNCH_CONFIG RENDEZVOUS_TIMEOUT MAX_RESTARTS

@@ -50,8 +50,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, accelerator) -> EvalResult:
-    """Evaluate ``model`` on ``loader`` (a ``make_loader`` loader) across all processes."""
+def evaluate(model: torch.nn.Module, loader, accelerator, on_batch=None) -> EvalResult:
+    """Evaluate ``model`` on ``loader`` (a ``make_loader`` loader) across all processes; ``on_batch()``
+    after each batch (progress, for the stall watchdog)."""
     was_training = model.training
     model.eval()
     device = accelerator.device
@@ -63,6 +64,8 @@ def evaluate(model: torch.nn.Module, loader, accelerator) -> EvalResult:
         preds.append(logits.argmax(dim=1))
         labels_seen.append(labels)
         indices.append(idx.to(device))
+        if on_batch is not None:
+            on_batch()
     model.train(was_training)
 
     sampler = shard_sampler(loader)

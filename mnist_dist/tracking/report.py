@@ -5,7 +5,8 @@
 
 - ``curves.png``: training loss per log interval and test loss per epoch; test accuracy per epoch;
 - ``confusion_matrix.png``: counts of true digit x predicted digit on the test set;
-- ``misclassified.png``: the first misclassified test digits with predicted and true labels.
+- ``misclassified.png``: the first misclassified test digits with predicted and true labels;
+- ``timing.png`` (several processes): each rank's own work and wait per step, per log interval.
 
 The digit grid needs only Pillow (training sends it to wandb too); the charts need matplotlib.
 """
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ReportError
-from ..runs import CONFUSION_FILE, CURVES_FILE, GRID_FILE, HISTORY_FILE, MISCLASSIFIED_FILE
+from ..runs import CONFUSION_FILE, CURVES_FILE, GRID_FILE, HISTORY_FILE, MISCLASSIFIED_FILE, TIMING_FILE
 from .history import one_timeline, read_history
 from .pictures import misclassified_grid
 
@@ -130,6 +131,27 @@ def plot_curves(history: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_timing(steps: list[dict], path: Path, title: str) -> None:
+    """Each rank's time per step, per log interval: its own work (data + compute) and its wait in collectives."""
+    plt = _pyplot()
+    x = [r["step"] for r in steps]
+    world = len(steps[0]["ranks/compute_s"])
+    fig, (ax_own, ax_wait) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for rank in range(world):
+        own = [1000 * (r["ranks/data_s"][rank] + r["ranks/compute_s"][rank]) for r in steps]
+        ax_own.plot(x, own, label=f"rank {rank}", linewidth=1.2)
+        ax_wait.plot(x, [1000 * r["ranks/collective_s"][rank] for r in steps], label=f"rank {rank}", linewidth=1.2)
+    ax_own.set(xlabel="step", ylabel="ms per step", title="Own work (data + compute)")
+    ax_wait.set(xlabel="step", title="Waiting in collectives (for the slowest rank)")
+    for ax in (ax_own, ax_wait):
+        ax.grid(True, alpha=0.3)
+    ax_wait.legend(fontsize=8, ncol=max(1, world // 8))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_confusion(confusion: list[list[int]], path: Path, title: str) -> None:
     """Heat map of counts (log colour scale: the diagonal dwarfs the errors), every cell labelled."""
     plt = _pyplot()
@@ -191,7 +213,7 @@ def save_misclassified(run_dir: Path, path: Path, title: str) -> None:
 
 
 def write_report(run_dir: str | Path) -> list[Path]:
-    """Write the three PNGs of a finished run into ``run_dir``; return their paths."""
+    """Write the PNGs of a finished run into ``run_dir`` (three, four with several processes); return their paths."""
     run_dir = Path(run_dir)
     history = load_history(run_dir)
     if history["summary"] is None:
@@ -201,4 +223,8 @@ def write_report(run_dir: str | Path) -> list[Path]:
     plot_curves(history, paths[0], title)
     plot_confusion(history["summary"]["confusion_matrix"], paths[1], title)
     save_misclassified(run_dir, paths[2], title)
+    timed = [r for r in history["step"] if "ranks/compute_s" in r]
+    if timed:  # a run of several processes
+        paths.append(run_dir / TIMING_FILE)
+        plot_timing(timed, paths[-1], title)
     return paths

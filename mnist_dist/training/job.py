@@ -14,10 +14,12 @@ from typing import Any
 from .. import runs
 from ..config import Config, per_process_batch_size, save_config
 from ..distributed.runtime import build_accelerator, setup_logging, world_size_from_env
-from ..errors import RunDirBusyError, Stopped
+from ..distributed.waiting import first_line
+from ..distributed.watchdog import watchdog_for
+from ..errors import DataError, PeerLostError, RunDirBusyError, Stopped, UserError
 from ..runlock import RunLock
 from ..tracking.tracker import Tracker, run_config
-from ..tracking.wandb_run import accelerator_log_with
+from ..tracking.wandb_run import accelerator_log_with, trial_config
 from .build import build
 from .checkpoint import Checkpointer
 from .preempt import StopFlags, requeue_slurm_job
@@ -73,20 +75,57 @@ def _lock_run_dir(accelerator, run_dir: Path) -> RunLock | None:
 
 def run(cfg: Config) -> dict[str, Any]:
     """The whole job: lock the run directory, train (or resume), write config, metrics and weights."""
+    cfg = trial_config(cfg)  # a wandb sweep trial: a run directory of its own
     per_process_batch_size(cfg, world_size_from_env())  # fail before any process group work
     run_dir = runs.prepare_run_dir(cfg.output_dir)
     accelerator = build_accelerator(cfg, log_with=accelerator_log_with(cfg.tracker))
     setup_logging(accelerator.is_main_process)
     lock = _lock_run_dir(accelerator, run_dir)  # before anything in run_dir is read or written
+    watch = watchdog_for(run_dir, accelerator.process_index, accelerator.num_processes, cfg.stall_timeout)
+    if lock is not None:
+        watch.before_exit.append(lock.release)
     try:
-        return _train(cfg, accelerator, run_dir)
+        return _train(cfg, accelerator, run_dir, watch)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: Config, accelerator, run_dir: Path) -> dict[str, Any]:
+def _peer_lost(exc: RuntimeError, watch, accelerator) -> PeerLostError:
+    """The one line for a collective that failed because a peer died (said by the lowest survivor)."""
+    lost = watch.lost_peers(wait=5.0)
+    rank = accelerator.process_index
+    named = "; ".join(lost.values()) if lost else "a peer (none could be named)"
+    survivors = [r for r in range(accelerator.num_processes) if r not in lost]
+    return PeerLostError(
+        f"lost {named}: rank {rank} stopped at step {watch.step} ({first_line(exc)}); every rank ends "
+        f"(exit status {PeerLostError.exit_code}); the same command resumes from the last checkpoint",
+        quiet=rank != min(survivors),
+    )
+
+
+def _data_ready(cfg: Config, accelerator) -> None:
+    """Each node's first process fetches and verifies the data before anything is written into the
+    run directory; every rank learns of a failure (one gather), none waits for a rank that failed."""
+    from accelerate.utils import gather_object
+
+    from ..data.sources import ensure_dataset
+
+    problem = None
+    if accelerator.is_local_main_process:
+        try:
+            ensure_dataset(cfg.data_dir, cfg.dataset)
+        except DataError as exc:
+            problem = str(exc)
+    if accelerator.num_processes > 1:
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if problem is not None:
+        raise DataError(problem)
+
+
+def _train(cfg: Config, accelerator, run_dir: Path, watch) -> dict[str, Any]:
     """Resume or start, train, and write the results, on every rank."""
+    _data_ready(cfg, accelerator)
     resume_from, resumed = _resume_point(cfg, accelerator, run_dir)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / runs.CONFIG_FILE, of_run=True)
@@ -101,6 +140,7 @@ def _train(cfg: Config, accelerator, run_dir: Path) -> dict[str, Any]:
             tracker,
             Checkpointer.from_config(cfg, accelerator, run_dir),
             stop,
+            watch,
         )
         if resume_from is not None:
             trainer.restore(resume_from)
@@ -110,11 +150,16 @@ def _train(cfg: Config, accelerator, run_dir: Path) -> dict[str, Any]:
         # The checkpoint is complete on every rank: requeue first, as SLURM may end the job soon.
         if exc.signum == signal.SIGUSR1 and cfg.requeue and accelerator.is_main_process:
             requeue_slurm_job()
-        tracker.end()  # every rank: closes wandb, ends the process group
+        tracker.end(stopped=True)  # every rank: closes wandb (a sweep's run: to resume), ends the process group
         raise
+    except RuntimeError as exc:  # gloo / NCCL errors: a peer died in a collective
+        if accelerator.num_processes == 1 or isinstance(exc, UserError):
+            raise
+        raise _peer_lost(exc, watch, accelerator) from None
     finally:
         stop.restore()
     _write_results(accelerator, run_dir, model, metrics)
+    tracker.log_model()  # main process: the files just written, as a wandb artifact
     accelerator.wait_for_everyone()
     tracker.end()  # on every rank: closes wandb (main process), ends the process group
     return metrics

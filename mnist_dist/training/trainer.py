@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from dataclasses import asdict
 from typing import Any
@@ -18,7 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.loaders import shard_sampler
+from ..config import parse_steps
+from ..data.loaders import shard_sampler, to_inputs
+from ..distributed.watchdog import Unwatched
 from ..errors import Stopped
 from ..evaluation import EvalResult, evaluate
 from ..tracking.tracker import misclassified_examples
@@ -26,11 +29,33 @@ from .build import Parts
 from .checkpoint import Checkpointer
 from .meters import LossMeter, Progress, Stopwatch
 from .preempt import StopFlags
+from .profiling import StepProfiler, log_to_wandb
 from .progress import ProgressDisplay
 from .resume import load
 from .step import check_gradients, step_calls
+from .timing import RankTiming, Stragglers
 
 log = logging.getLogger("mnist_dist")
+
+
+def _stragglers(accelerator) -> Stragglers | None:
+    """The main process's straggler watch over every rank's timing (several processes; one gather of host names)."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+
+    hosts = gather_object([socket.gethostname()])
+    return Stragglers(hosts) if accelerator.is_main_process else None
+
+
+def _probabilities_of(model: torch.nn.Module, device: torch.device):
+    """``images -> class probabilities`` of ``model`` (a few uint8 images, no collective): for tracking."""
+
+    @torch.no_grad()
+    def probabilities(images: torch.Tensor) -> torch.Tensor:
+        return model(to_inputs(images, device)).float().softmax(dim=1)
+
+    return probabilities
 
 
 class Trainer:
@@ -40,9 +65,12 @@ class Trainer:
     or raises ``Stopped`` (after saving a checkpoint) when the ranks agreed to stop.
     """
 
-    def __init__(self, cfg, parts: Parts, accelerator, tracker, checkpointer: Checkpointer, stop: StopFlags) -> None:
+    def __init__(
+        self, cfg, parts: Parts, accelerator, tracker, checkpointer: Checkpointer, stop: StopFlags, watch=None
+    ) -> None:
         self.cfg, self.parts, self.accelerator = cfg, parts, accelerator
         self.tracker, self.checkpointer, self.stop = tracker, checkpointer, stop
+        self.watch = watch or Unwatched()  # told where this rank is: a stall names the rank holding the run up
         self.model, self.optimizer, self.recipe = parts.model, parts.optimizer, parts.recipe
         self.world = accelerator.num_processes
         self.progress = Progress()
@@ -51,6 +79,11 @@ class Trainer:
         self.display = ProgressDisplay(accelerator.is_main_process, parts.global_batch)
         self._calls = step_calls(self.optimizer, accelerator)
         self._params = list(self.model.parameters())  # every one gets a gradient
+        self.timing = RankTiming(accelerator.process_index, self.world)
+        self.timing.time_gradient_allreduce(self.model, accelerator.device.type)
+        self.stragglers = _stragglers(accelerator)
+        window = parse_steps(cfg.profile_steps)
+        self.profiler = StepProfiler(checkpointer.run_dir, window, accelerator.process_index, accelerator.device.type)
         self.eval_seconds = 0.0
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -70,6 +103,7 @@ class Trainer:
     def save_checkpoint(self):
         """Save where training is now (a collective: every rank calls it at the same step)."""
         scheduler = self.recipe.scheduler
+        self._at("checkpoint")
         with self.clock.paused():  # the training time so far is counted in, the save's time is not
             state = {
                 "progress": asdict(self.progress),
@@ -101,20 +135,32 @@ class Trainer:
         self.recipe.after_step()
         return loss
 
-    def _share(self, value: torch.Tensor) -> tuple[float, int | None]:
-        """``value`` averaged over ranks, and the signal (if any) all ranks stop for: one all-reduce."""
-        flags = torch.tensor(self.stop.local(), dtype=value.dtype, device=value.device)
-        summed = self.accelerator.reduce(torch.cat([value.reshape(1), flags]), reduction="sum").tolist()
-        return summed[0] / self.world, StopFlags.verdict(summed[1:])
+    def _at(self, phase: str, step: int | None = None) -> None:
+        """This rank is now in ``phase``: for the stall watchdog and the per-rank timing."""
+        self.watch.mark(phase, step)
+        self.timing.enter(phase)
+
+    def _share(self, value: torch.Tensor, extra: list[float] = ()) -> tuple[float, int | None, list[float]]:
+        """``value`` averaged over ranks, the signal (if any) all ranks stop for, and ``extra`` summed
+        over ranks: one all-reduce."""
+        self._at("collective")
+        flags = self.stop.local()
+        rest = torch.tensor([*flags, *extra], dtype=value.dtype, device=value.device)
+        summed = self.accelerator.reduce(torch.cat([value.reshape(1), rest]), reduction="sum").tolist()
+        return summed[0] / self.world, StopFlags.verdict(summed[1 : 1 + len(flags)]), summed[1 + len(flags) :]
 
     def _log_interval(self) -> None:
-        """The interval's loss, shared with the stop vote; raises ``Stopped`` if the ranks agreed to stop."""
+        """The interval's loss and every rank's timing, shared with the stop vote; raises ``Stopped`` if
+        the ranks agreed to stop."""
         p = self.progress
-        mean, signum = self._share(self.losses.interval_mean())
+        mean, signum, split = self._share(self.losses.interval_mean(), self.timing.take())
         rate = self.display.interval(p.step, mean, self.losses.interval_steps)
-        self.tracker.log_step(
-            p.step, {"train/loss": mean, "lr": self.optimizer.param_groups[0]["lr"], "train/samples_per_second": rate}
-        )
+        metrics = {"train/loss": mean, "lr": self.optimizer.param_groups[0]["lr"], "train/samples_per_second": rate}
+        per_rank = {}
+        if self.stragglers is not None:
+            timing, per_rank = self.stragglers.interval(split, self.losses.interval_steps)
+            metrics.update(timing)
+        self.tracker.log_step(p.step, metrics, history_only=per_rank)
         self.losses.end_interval()
         # A stop agreed on at the very last step saves no time: the run ends as an unstopped one.
         if signum is not None and p.step < self.parts.total_steps:
@@ -140,9 +186,13 @@ class Trainer:
         )
         self.recipe.start_epoch(p.epoch)
         self.clock.start()
+        self._at("data", p.step)
         for images, labels, indices in loader:
+            self._at("compute")
+            self.profiler.before_step(p.step + 1)
             self.losses.add(self.train_step(images, labels, indices))
             p.step += 1
+            self.profiler.after_step(p.step)
             p.batch += 1
             self.display.advance()
             if p.step % cfg.log_every == 0:
@@ -151,16 +201,20 @@ class Trainer:
                 self.save_checkpoint()
             if self._reached_max():
                 break
+            self._at("data", p.step)
         self.clock.stop()
         self.display.end_epoch()
         # A step limit inside the epoch leaves it open: a larger limit later continues it exactly.
         finished_epoch = p.batch >= len(loader)
-        return self._share(self.losses.end_epoch() if finished_epoch else self.losses.epoch_mean())
+        return self._share(self.losses.end_epoch() if finished_epoch else self.losses.epoch_mean())[:2]
 
     def _evaluate(self) -> EvalResult:
         start = time.perf_counter()
         model = self.recipe.inference_model(self.model, self.accelerator)
-        result = evaluate(model, self.parts.eval_loader, self.accelerator)
+        self._at("evaluation")
+        result = evaluate(
+            model, self.parts.eval_loader, self.accelerator, on_batch=lambda: self.watch.mark("evaluation")
+        )
         self.eval_seconds = time.perf_counter() - start
         return result
 
@@ -239,7 +293,7 @@ class Trainer:
             "world_size": self.world,
             "train_seconds": p.train_seconds,
             "eval_seconds": self.eval_seconds,  # the last evaluation of the whole evaluation set
-            "epochs": p.epoch,
+            "epochs": round(p.epoch + p.batch / len(self.parts.train_loader), 4),  # a step limit: a fraction
             "steps": p.step,
             "global_batch_size": self.parts.global_batch,
             "per_process_batch_size": self.parts.per_process,
@@ -247,19 +301,32 @@ class Trainer:
             "device": self.accelerator.device.type,
         }
 
+    def _attach_profiles(self) -> None:
+        """The profiler traces of every rank (written by now) to the wandb run, once."""
+        if self.cfg.profile_steps:
+            self.accelerator.wait_for_everyone()
+            log_to_wandb(self.tracker.wandb_run(), self.checkpointer.run_dir)
+
     def fit(self) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
         """Train and evaluate after every epoch; return the model to save, the metrics, the last evaluation."""
         self._announce()
         self.tracker.started()  # not during the training steps: wandb's start would compete for the CPU
         result = None
-        while not self._finished():
-            result = self._epoch()
-        if result is None:  # resumed from the checkpoint at the end of training
-            result = self._evaluate()
+        self.watch.start()
+        try:
+            while not self._finished():
+                result = self._epoch()
+            if result is None:  # resumed from the checkpoint at the end of training
+                result = self._evaluate()
+        finally:
+            self.watch.stop()  # before wandb's finish, which may take its time on the main process
+            self.profiler.close()  # a window still open: its trace is written now
+        self._attach_profiles()
         metrics = self.metrics(result)
         eval_set = self.parts.eval_set
-        self.tracker.finish(
-            metrics, result.confusion, misclassified_examples(result.predictions, eval_set.images, eval_set.labels)
-        )
         trained = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        return self.recipe.inference_model(trained, self.accelerator), metrics, result
+        final = self.recipe.inference_model(trained, self.accelerator)
+        probabilities = _probabilities_of(final, self.accelerator.device)  # for the tracker's table
+        examples = misclassified_examples(result.predictions, eval_set.images, eval_set.labels, probabilities)
+        self.tracker.finish(metrics, result.confusion, examples)
+        return final, metrics, result

@@ -9,7 +9,7 @@ import torch
 
 from mnist_dist.config import build_config
 from mnist_dist.errors import ReportError
-from mnist_dist.runs import CONFUSION_FILE, CURVES_FILE, GRID_FILE
+from mnist_dist.runs import CONFUSION_FILE, CURVES_FILE, GRID_FILE, TIMING_FILE
 from mnist_dist.tracking.report import write_report
 
 pytest.importorskip("matplotlib")
@@ -50,6 +50,24 @@ def test_report_writes_three_pictures(finished_run):
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width >= 600 and image.height >= 400
+
+
+def test_a_run_of_several_processes_also_gets_each_ranks_timing(finished_run):
+    """history.jsonl as a 2-process run writes it: every rank's split of each interval."""
+    from PIL import Image
+
+    path = finished_run / "history.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        if r["kind"] == "step":
+            r.update(
+                {"ranks/data_s": [1e-4, 1e-4], "ranks/compute_s": [2e-3, 5e-3], "ranks/collective_s": [6e-3, 3e-3]}
+            )
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = write_report(finished_run)
+    assert [p.name for p in paths] == [CURVES_FILE, CONFUSION_FILE, GRID_FILE, TIMING_FILE]
+    with Image.open(paths[-1]) as image:
+        assert image.format == "PNG" and image.width >= 600
 
 
 def test_report_needs_a_finished_run(tmp_path, finished_run):

@@ -28,7 +28,7 @@ def test_short_run_writes_the_run_directory(tmp_path, data_dir):
         "steps",
     ):
         assert key in metrics
-    assert (metrics["steps"], metrics["epochs"], metrics["world_size"], metrics["test_total"]) == (50, 1, 1, 10000)
+    assert (metrics["steps"], metrics["epochs"], metrics["world_size"], metrics["test_total"]) == (50, 0.0533, 1, 10000)
     assert metrics["test_accuracy"] > 0.7
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["max_steps"] == 50 and saved["hidden_sizes"] == [64] and saved["lr"] == 0.5

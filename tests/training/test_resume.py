@@ -20,11 +20,21 @@ import torch
 
 from mnist_dist.config import Config
 from mnist_dist.errors import CheckpointError
-from mnist_dist.runs import checkpoints_dir, load_weights
+from mnist_dist.runs import checkpoints_dir
 from mnist_dist.training.integrity import complete_checkpoints, read_state
 from mnist_dist.training.resume import _mean_rank_state, check_compatible, resolve
 
-from conftest import REPO, assert_continues, history, process_tree, read_metrics, read_until, run_cli, start
+from conftest import (
+    REPO,
+    assert_continues,
+    assert_same_weights,
+    history,
+    process_tree,
+    read_metrics,
+    read_until,
+    run_cli,
+    start,
+)
 
 # Long enough to be stopped mid-epoch (938 steps per epoch on one process) and to cross an epoch end.
 STEPS = 2500
@@ -53,13 +63,6 @@ def train_args(data_dir, out: Path, *extra: str, recipe=REFERENCE) -> list[str]:
 
 def untimed(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("train_seconds", "eval_seconds")}
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_weights(a), load_weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), f"{key} differs"
 
 
 @pytest.mark.multiprocess
@@ -483,7 +486,8 @@ def test_a_changed_config_never_takes_over_a_run_killed_before_its_first_checkpo
     args[args.index("--tracker") + 1] = "wandb"  # offline (conftest)
     proc = start(args, 1)
     read_until(proc, "samples/s")
-    proc.kill()
+    for pid in process_tree(proc.pid):  # the run and wandb's service with it, as when its node is lost
+        os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=30)
     assert not complete_checkpoints(tmp_path) and (tmp_path / "history.jsonl").is_file()
     dead = {path.name.rsplit("-", 1)[1] for path in offline_runs(tmp_path)}
