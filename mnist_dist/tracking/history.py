@@ -1,9 +1,10 @@
 """The run's own history file, ``history.jsonl``: reading it, and reading it as one run.
 
 One JSON object a line: ``config`` (at every start), ``resume`` (a restart from a
-checkpoint, at its step), ``step`` and ``epoch`` (metrics at an optimizer step), and the
-final ``summary``. A run that crashed after its last checkpoint logged steps it then does
-again: a ``resume`` record supersedes everything logged after its step.
+checkpoint, at its step), ``step`` and ``epoch`` (metrics at an optimizer step), the final
+``summary``, and ``artifact`` (the model artifact logged to wandb, by its weights' SHA-256).
+A run that crashed after its last checkpoint logged steps it then does again: a ``resume``
+record supersedes everything logged after its step.
 """
 
 from __future__ import annotations

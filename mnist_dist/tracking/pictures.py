@@ -1,8 +1,39 @@
-"""The grid of misclassified digits, drawn with Pillow alone (training sends it to wandb; the report saves it)."""
+"""The end of a run as people look at it: a grid of misclassified digits drawn with Pillow alone
+(training sends it to wandb; the report saves it), the rows of wandb's table of them, and the
+charts wandb gets (``final_charts``: wandb is imported only there)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+# The columns of the table of misclassified digits (``misclassified_rows``), in order.
+TABLE_COLUMNS = ("image", "label", "prediction", "top probabilities", "index")
+TOP_K = 3
+
+
+def top_classes(probabilities: torch.Tensor, k: int = TOP_K) -> str:
+    """The ``k`` likeliest classes with their probabilities, likeliest first: ``"3: 81.2%, 5: 12.0%, 8: 4.1%"``."""
+    values, classes = probabilities.float().topk(min(k, len(probabilities)))
+    return ", ".join(f"{int(c)}: {100 * float(p):.1f}%" for p, c in zip(values, classes))
+
+
+def misclassified_rows(examples: dict[str, torch.Tensor]) -> list[list[Any]]:
+    """One row per misclassified digit, in ``TABLE_COLUMNS`` order: the 28 x 28 image (a uint8 numpy
+    array, white on black as in the dataset), label, prediction, top probabilities ("" when the
+    examples carry none) and the image's index in the evaluation set."""
+    probabilities = examples.get("probabilities")
+    return [
+        [
+            examples["images"][i].to(torch.uint8).numpy(),
+            int(examples["label"][i]),
+            int(examples["predicted"][i]),
+            top_classes(probabilities[i]) if probabilities is not None else "",
+            int(examples["index"][i]),
+        ]
+        for i in range(len(examples["images"]))
+    ]
 
 
 def misclassified_grid(
@@ -33,3 +64,20 @@ def misclassified_grid(
         right = x + side - draw.textlength(true_text, font=font)  # right-aligned under the digit
         draw.text((right, y + side + 3), true_text, fill=(0, 0, 0), font=font)
     return grid
+
+
+def final_charts(confusion: torch.Tensor, examples: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The end of a run as wandb shows it: confusion matrix, grid and table of misclassified digits."""
+    import wandb
+
+    n = len(confusion)  # wandb's chart wants one (true, predicted) pair per image
+    cells = torch.arange(n * n).repeat_interleave(confusion.flatten())
+    grid = misclassified_grid(examples["images"], examples["predicted"], examples["label"])
+    rows = [[wandb.Image(image), *rest] for image, *rest in misclassified_rows(examples)]
+    return {
+        "test/confusion_matrix": wandb.plot.confusion_matrix(
+            y_true=(cells // n).tolist(), preds=(cells % n).tolist(), class_names=[str(c) for c in range(n)]
+        ),
+        "test/misclassified": wandb.Image(grid, caption="predicted / true label"),
+        "test/misclassified_table": wandb.Table(columns=list(TABLE_COLUMNS), data=rows),
+    }

@@ -10,7 +10,9 @@ goes on, rewound to that step when it had gone past it (wandb's ``resume_from``)
 
 wandb is imported only when the tracker is wandb, and only the main process talks to it.
 It must never stop training: a failure becomes one warning and tracking goes on in
-the history file alone. Without credentials the run is logged offline, for ``wandb sync``.
+the history file alone. Without credentials the run is logged offline, for ``wandb sync``;
+so is a run meant to be online whose server cannot be reached at its start (same run id).
+At the end the run directory's final files become the run's model artifact (``artifacts.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,14 @@ import torch
 
 from ..runs import HISTORY_FILE, MISCLASSIFIED_FILE, atomic_write_bytes
 from .history import one_timeline, read_history, rewind
-from .wandb_run import INIT_TIMEOUT, choose_run, wandb_installed
+from .wandb_run import (
+    INIT_TIMEOUT,
+    agent_run_id,
+    can_fall_back_offline,
+    choose_run,
+    offline_kwargs,
+    wandb_installed,
+)
 from .wandb_run import init_kwargs as wandb_init_kwargs
 
 log = logging.getLogger("mnist_dist")
@@ -37,6 +47,10 @@ log = logging.getLogger("mnist_dist")
 MAX_MISCLASSIFIED = 64
 # The main process waits for wandb's start at most its init timeout plus this (import, service start).
 START_MARGIN = 30.0
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def run_config(cfg, accelerator) -> dict[str, Any]:
@@ -56,16 +70,28 @@ def run_config(cfg, accelerator) -> dict[str, Any]:
 
 
 def misclassified_examples(
-    predictions: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, limit: int = MAX_MISCLASSIFIED
+    predictions: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    limit: int = MAX_MISCLASSIFIED,
 ) -> dict[str, torch.Tensor]:
-    """The first ``limit`` wrongly predicted images (dataset order), on the CPU."""
+    """The first ``limit`` wrongly predicted images (dataset order), on the CPU.
+
+    ``probabilities``: the model's class probabilities of some images (uint8, N x 28 x 28 ->
+    N x classes), given by the trainer so that tracking holds no model code; called for
+    these few images only, and kept as ``probabilities``.
+    """
     index = (predictions != labels).nonzero().flatten()[:limit]
-    return {
+    examples = {
         "images": images[index].cpu(),
         "predicted": predictions[index].cpu(),
         "label": labels[index].cpu(),
         "index": index.cpu(),
     }
+    if probabilities is not None:
+        examples["probabilities"] = probabilities(examples["images"]).float().cpu()
+    return examples
 
 
 class Tracker:
@@ -126,33 +152,61 @@ class Tracker:
 
     def _start_wandb(self, config: dict[str, Any]) -> None:
         try:
-            init_kwargs = wandb_init_kwargs(self.cfg, self.run_dir, self.wandb_id, self._wandb_how, self._last_step)
-            try:
-                self.accelerator.init_trackers(
-                    self.cfg.wandb_project, config=config, init_kwargs={"wandb": init_kwargs}
-                )
-            except Exception as exc:
-                if "resume_from" not in init_kwargs:
-                    raise
-                # Rewinding is a newer wandb feature, not on every server or account: continue the run instead.
-                log.warning(
-                    "wandb could not rewind run %s to step %d (%s); continuing it instead: wandb keeps "
-                    "what it got past that step and ignores the repeated steps until they pass it",
-                    self.wandb_id,
-                    self._last_step,
-                    str(exc).strip().splitlines()[0] if str(exc) else exc,
-                )
-                init_kwargs = {k: v for k, v in init_kwargs.items() if k != "resume_from"}
-                self.accelerator.init_trackers(
-                    self.cfg.wandb_project,
-                    config=config,
-                    init_kwargs={"wandb": {**init_kwargs, "id": self.wandb_id, "resume": "allow"}},
-                )
+            self._init_wandb(config)
         except Exception as exc:  # wandb must never stop training
             self._start_error = exc
         with self._start_lock:
             if self._abandoned:  # too late: training went on without it
                 self._drop_wandb()
+
+    def _init_wandb(self, config: dict[str, Any]) -> None:
+        """Start the wandb run; a rewind the server refuses becomes a continuation, and a server that
+        cannot be reached an offline record of the same run (for ``wandb sync``)."""
+        init_kwargs = wandb_init_kwargs(self.cfg, self.run_dir, self.wandb_id, self._wandb_how, self._last_step)
+        try:
+            return self._init_trackers(config, init_kwargs)
+        except Exception as exc:
+            failure = exc
+        if "resume_from" in init_kwargs:
+            # Rewinding is a newer wandb feature, not on every server or account: continue the run instead.
+            log.warning(
+                "wandb could not rewind run %s to step %d (%s); continuing it instead: wandb keeps "
+                "what it got past that step and ignores the repeated steps until they pass it",
+                self.wandb_id,
+                self._last_step,
+                _first_line(failure),
+            )
+            init_kwargs = {k: v for k, v in init_kwargs.items() if k != "resume_from"}
+            init_kwargs.update(id=self.wandb_id, resume="allow")
+            try:
+                return self._init_trackers(config, init_kwargs)
+            except Exception as exc:
+                failure = exc
+        if not can_fall_back_offline(init_kwargs):
+            raise failure
+        self._init_offline(config, init_kwargs, failure)
+
+    def _init_offline(self, config: dict[str, Any], init_kwargs: dict[str, Any], failure: Exception) -> None:
+        """The same run, recorded on disk: one warning with the command that uploads it later."""
+        import wandb
+
+        wandb.teardown()  # the failed online start still holds the run id in wandb's service process
+        try:
+            self._init_trackers(config, offline_kwargs(init_kwargs, self.wandb_id))
+        except Exception:
+            raise failure from None  # offline failed too: the online error is the one to explain
+        record = Path(self.accelerator.get_tracker("wandb", unwrap=True).dir).parent
+        log.warning(
+            "wandb could not start online (%s: %s); logging run %s offline instead; upload later with: wandb sync %s",
+            type(failure).__name__,
+            _first_line(failure),
+            self.wandb_id,
+            record,
+        )
+
+    def _init_trackers(self, config: dict[str, Any], init_kwargs: dict[str, Any]) -> None:
+        self._drop_wandb()  # a tracker left by a failed attempt would be started again with it
+        self.accelerator.init_trackers(self.cfg.wandb_project, config=config, init_kwargs={"wandb": init_kwargs})
 
     def started(self) -> None:
         """Wait until wandb has started (or failed to: one warning), at most its init timeout plus
@@ -177,57 +231,70 @@ class Tracker:
             return
         self.wandb_on = any(t.name == "wandb" for t in self.accelerator.trackers)
 
+    def wandb_run(self):
+        """The live wandb run (main process, tracker wandb, started), else None: to attach files to it."""
+        self.started()
+        return self.accelerator.get_tracker("wandb", unwrap=True) if self.is_main and self.wandb_on else None
+
     @property
     def run_id(self) -> str | None:
         """The wandb run's id (main process, tracker wandb), kept in checkpoints to continue the run."""
         return self.wandb_id
 
-    def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Training metrics at optimizer step ``step`` (main process only)."""
-        self._log("step", step, metrics)
+    def log_step(self, step: int, metrics: dict[str, float], history_only: dict[str, Any] | None = None) -> None:
+        """Training metrics at optimizer step ``step`` (main process only); ``history_only``: kept in
+        the history file, not sent to wandb (per-rank lists)."""
+        self._log("step", step, metrics, history_only)
 
     def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
         """End-of-epoch metrics, at the step the epoch ended on (main process only)."""
         self._log("epoch", step, metrics)
 
     def finish(self, summary: dict[str, Any], confusion: torch.Tensor, examples: dict[str, torch.Tensor]) -> None:
-        """Final metrics, confusion matrix and misclassified digits: to the run directory and wandb."""
+        """Final metrics, confusion matrix and misclassified digits (a grid and a table): to the run
+        directory and wandb."""
         if not self.is_main:
             return
         self.started()
         import safetensors.torch
 
         self._write({"kind": "summary", "step": self._last_step, **summary, "confusion_matrix": confusion.tolist()})
-        self._history.close()
         tensors = {k: v.contiguous() for k, v in examples.items()}
         atomic_write_bytes(self.run_dir / MISCLASSIFIED_FILE, safetensors.torch.save(tensors))
         if not self.wandb_on:
             return
+        from .pictures import final_charts
+
         try:
-            import wandb
-
-            from .pictures import misclassified_grid
-
-            run = self.accelerator.get_tracker("wandb", unwrap=True)
-            run.summary.update(summary)
-            n = len(confusion)  # wandb's chart wants one (true, predicted) pair per image
-            cells = torch.arange(n * n).repeat_interleave(confusion.flatten())
-            grid = misclassified_grid(examples["images"], examples["predicted"], examples["label"])
-            self.accelerator.log(
-                {
-                    "test/confusion_matrix": wandb.plot.confusion_matrix(
-                        y_true=(cells // n).tolist(), preds=(cells % n).tolist(), class_names=[str(c) for c in range(n)]
-                    ),
-                    "test/misclassified": wandb.Image(grid, caption="predicted / true label"),
-                },
-                step=self._last_step,
-            )
+            self.accelerator.get_tracker("wandb", unwrap=True).summary.update(summary)
+            self.accelerator.log(final_charts(confusion, examples), step=self._last_step)
         except Exception as exc:
             self._fail("log the final results", exc)
 
-    def end(self) -> None:
-        """Close the trackers (wandb waits at most FINISH_TIMEOUT to upload). Every rank calls this last."""
+    def log_model(self) -> None:
+        """The final weights, config and metrics of the run directory as a ``model`` artifact (main
+        process, after they are written, before ``end``); once per weights, however often the run resumes."""
+        if not self.is_main or self.wandb_run() is None:
+            return
+        from .artifacts import log_model_artifact
+
+        try:
+            logged = log_model_artifact(self.wandb_run(), self.run_dir, self.cfg.to_dict())
+        except Exception as exc:
+            self._fail("log the model", exc)
+            return
+        if logged:
+            self._write({"kind": "artifact", "step": self._last_step, **logged})
+
+    def end(self, stopped: bool = False) -> None:
+        """Close the history and the trackers (wandb waits at most FINISH_TIMEOUT to upload). Every rank
+        calls this last. ``stopped``: the run stopped with a checkpoint to resume from; a sweep trial's
+        wandb run is then marked preempting, so that the sweep hands it to an agent again, which resumes it."""
         self.started()
+        if stopped:
+            self._mark_preempting()
+        if self._history is not None:
+            self._history.close()
         try:
             self.accelerator.end_training()
         except Exception as exc:
@@ -236,12 +303,20 @@ class Tracker:
             self._fail("finish", exc)
             self.accelerator.end_training()  # the tracker is dropped: this only ends the process group
 
-    def _log(self, kind: str, step: int, metrics: dict[str, float]) -> None:
+    def _mark_preempting(self) -> None:
+        if not self.is_main or agent_run_id() is None or self.wandb_run() is None:
+            return
+        try:
+            self.wandb_run().mark_preempting()
+        except Exception as exc:
+            self._fail("mark the run preempted", exc)
+
+    def _log(self, kind: str, step: int, metrics: dict[str, float], history_only: dict[str, Any] | None = None) -> None:
         if not self.is_main:
             return
         step = max(step, self._last_step)  # wandb drops a step lower than the last one
         self._last_step = step
-        self._write({"kind": kind, "step": step, **metrics})
+        self._write({"kind": kind, "step": step, **metrics, **(history_only or {})})
         self.started()
         if self.wandb_on:
             try:
@@ -255,12 +330,11 @@ class Tracker:
         self._history.flush()  # a crashed run keeps its history up to the last line
 
     def _fail(self, what: str, exc: Exception) -> None:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
         log.warning(
             "wandb failed to %s (%s: %s); training goes on, the history is in %s",
             what,
             type(exc).__name__,
-            first_line,
+            _first_line(exc),
             self.run_dir / HISTORY_FILE,
         )
         self.wandb_on = False

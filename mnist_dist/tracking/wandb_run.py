@@ -4,13 +4,16 @@
   them the run is logged offline, for ``wandb sync``;
 - a run keeps one wandb run id across restarts (kept in checkpoints and the history), and
   a run resumed behind what it had logged rewinds it (wandb's ``resume_from``);
-- every wait of wandb is bounded (``INIT_TIMEOUT``, ``FINISH_TIMEOUT``).
+- every wait of wandb is bounded (``INIT_TIMEOUT``, ``FINISH_TIMEOUT``);
+- a command started by ``wandb agent`` (a sweep trial) logs to the agent's run, in a run
+  directory of its own.
 
 wandb itself is imported only by :func:`init_kwargs`, when the tracker is wandb.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import netrc
 import os
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..config import FIELDS
 from ..runs import HISTORY_FILE
 from .history import last_logged_step, read_history
 
@@ -60,6 +64,23 @@ def default_group(run_dir: Path) -> str:
     return f"slurm-{job}" if job else run_dir.resolve().name
 
 
+def agent_run_id() -> str | None:
+    """The run id ``wandb agent`` chose for this command (it sets WANDB_SWEEP_ID and WANDB_RUN_ID), else None."""
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    return None
+
+
+def trial_config(cfg):
+    """``cfg`` for a sweep trial: a run directory of its own, ``runs/sweep-<run id>``, unless
+    ``output_dir`` was set (it still has its default). Outside an agent, ``cfg`` itself."""
+    trial = agent_run_id()
+    default = FIELDS["output_dir"].default
+    if trial is None or cfg.output_dir != default:
+        return cfg
+    return dataclasses.replace(cfg, output_dir=str(Path(default).parent / f"sweep-{trial}"))
+
+
 def new_run_id() -> str:
     """A fresh wandb run id (8 lowercase letters and digits, as wandb makes them), without importing wandb."""
     alphabet = string.ascii_lowercase + string.digits
@@ -73,10 +94,22 @@ def choose_run(
 
     The checkpoint's run (``resumed``: its trainer state), rewound if a lost timeline logged
     past ``at``; the run of an attempt that died before its first checkpoint (the same command
-    again, ``previous``: the run directory's history); or a new one.
+    again, ``previous``: the run directory's history); or a new one. Under ``wandb agent``
+    always the agent's run: continued as above if it is the one this run directory was logging to.
     """
     if cfg.tracker != "wandb":
         return None, "new"
+    trial = agent_run_id()
+    if trial is not None:
+        run_id, how = _continued_run(cfg, run_dir, at, resumed, previous, checkpoint)
+        return trial, how if run_id == trial else "new"
+    return _continued_run(cfg, run_dir, at, resumed, previous, checkpoint)
+
+
+def _continued_run(
+    cfg, run_dir: Path, at: int, resumed: dict[str, Any] | None, previous: list[dict[str, Any]], checkpoint: Path | None
+) -> tuple[str, str]:
+    """The run this run directory's timeline logs to, and how to start it: see :func:`choose_run`."""
     if resumed and resumed.get("wandb_run_id"):
         histories = [previous]
         if checkpoint is not None and Path(checkpoint).resolve().parents[1] != Path(run_dir).resolve():
@@ -115,7 +148,7 @@ def init_kwargs(cfg, run_dir: Path, run_id: str, how: str, at: int) -> dict[str,
     }
     if how == "rewind":  # the run had gone past this step: cut it back, then go on
         kwargs["resume_from"] = f"{run_id}?_step={at}"
-    else:
+    elif agent_run_id() is None:  # under an agent wandb takes WANDB_RUN_ID itself (and warns about an id)
         kwargs["id"] = run_id
         if how == "resume":
             kwargs["resume"] = "allow"
@@ -128,3 +161,16 @@ def init_kwargs(cfg, run_dir: Path, run_id: str, how: str, at: int) -> dict[str,
         )
     kwargs["settings"] = wandb.Settings(**settings)
     return kwargs
+
+
+def can_fall_back_offline(kwargs: dict[str, Any]) -> bool:
+    """Whether a wandb start that failed with ``kwargs`` may be retried offline: it was meant to be online."""
+    mode = kwargs.get("mode") or os.environ.get("WANDB_MODE", "online")
+    return mode in ("online", "run") and not os.environ.get("WANDB_DISABLED")
+
+
+def offline_kwargs(kwargs: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """``kwargs`` for the same run logged offline: same id, nothing to resume or rewind on a server
+    (wandb ignores both offline); ``wandb sync`` uploads it into that run later."""
+    dropped = ("resume", "resume_from", "mode", "id")
+    return {**{k: v for k, v in kwargs.items() if k not in dropped}, "id": run_id, "mode": "offline"}

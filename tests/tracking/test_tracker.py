@@ -86,9 +86,9 @@ def test_history_file_mirrors_what_wandb_got(offline_run):
     out, _ = offline_run
     records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in records]
-    assert kinds[0] == "config" and kinds[-1] == "summary" and kinds.count("epoch") == 2
+    assert kinds[0] == "config" and kinds[-2:] == ["summary", "artifact"] and kinds.count("epoch") == 2
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(20, 237, 20))
-    summary = records[-1]
+    summary = records[-2]
     assert sum(map(sum, summary["confusion_matrix"])) == 10000
     assert summary["test_correct"] == sum(summary["confusion_matrix"][i][i] for i in range(10))
 
@@ -100,8 +100,39 @@ def test_history_file_mirrors_what_wandb_got(offline_run):
     assert examples["index"].tolist() == sorted(examples["index"].tolist())
 
 
-def test_unreachable_server_with_online_forced_still_trains(tmp_path, data_dir, offline_run):
-    """wandb pointed where nothing listens, online forced: a warning, exit 0, the same metrics."""
+def test_the_end_of_a_run_shows_a_table_of_misclassified_digits(offline_run, mnist_test):
+    """wandb's table: each digit as an image, label, prediction, top-3 probabilities, index in the test set."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    out, _ = offline_run
+    (log_file,) = offline_runs(out)[0].glob("run-*.wandb")
+    records = read_wandb_records(log_file)
+    assert "test/misclassified_table/_type" in wandb_history(records)[-1][1]
+    (table_artifact,) = [
+        r.artifact
+        for r in records
+        if r.WhichOneof("record_type") == "artifact" and "misclassified_table" in r.artifact.name
+    ]
+    files = {e.path: e.local_path for e in table_artifact.manifest.contents}  # staged for wandb sync
+    table = json.loads(Path(files["test/misclassified_table.table.json"]).read_text())
+    assert table["columns"] == ["image", "label", "prediction", "top probabilities", "index"]
+    examples = load_file(str(out / "misclassified.safetensors"))
+    assert len(table["data"]) == 64 and examples["probabilities"].shape == (64, 10)
+    images, labels = mnist_test
+    for (image, label, prediction, top, index), probabilities in zip(table["data"], examples["probabilities"]):
+        assert label == labels[index] != prediction
+        assert np.array_equal(np.asarray(Image.open(files[image["path"]])), images[index].numpy())
+        shown = [(int(c), float(p.rstrip("%")) / 100) for c, p in (part.split(": ") for part in top.split(", "))]
+        assert len(shown) == 3 and shown[0][0] == prediction  # the likeliest class is the prediction
+        assert all(abs(probabilities[c] - p) < 0.0006 for c, p in shown)
+        assert [p for _, p in shown] == sorted((p for _, p in shown), reverse=True)
+
+
+def test_unreachable_server_falls_back_to_an_offline_record(tmp_path, data_dir, offline_run):
+    """wandb pointed where nothing listens, online forced: the same run recorded offline for wandb sync,
+    one warning that says so, exit 0, the same metrics."""
     env = {
         "WANDB_MODE": "online",
         "WANDB_BASE_URL": "http://127.0.0.1:9",
@@ -109,17 +140,44 @@ def test_unreachable_server_with_online_forced_still_trains(tmp_path, data_dir, 
         "WANDB_INIT_TIMEOUT": "1",
     }
     start = time.monotonic()
-    proc = _train(tmp_path / "run", data_dir, env=env)
+    out = tmp_path / "run"
+    proc = _train(out, data_dir, env=env)
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert seconds < 60
-    assert proc.stderr.count("wandb failed to start") == 1
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "wandb failed" not in proc.stderr
+    run_id = json.loads((out / "history.jsonl").read_text().splitlines()[0])["wandb_run_id"]
+    (record,) = offline_runs(out)
+    assert record.name.endswith(f"-{run_id}")
+    (line,) = [line for line in proc.stderr.splitlines() if "wandb could not start online" in line]
+    assert f"logging run {run_id} offline instead; upload later with: wandb sync {record}" in line
+    (log_file,) = record.glob(f"run-{run_id}.wandb")
+    records = read_wandb_records(log_file)
+    assert [s for s, i in wandb_history(records) if "train/loss" in i] == list(range(20, 237, 20))
+    assert wandb_config(records)["lr"] == 0.5
     same = read_metrics(offline_run[0] / "metrics.json")
-    got = read_metrics(tmp_path / "run" / "metrics.json")
+    got = read_metrics(out / "metrics.json")
     keys = ("test_correct", "test_loss", "steps")
     assert {k: got[k] for k in keys} == {k: same[k] for k in keys}
-    assert (tmp_path / "run" / "history.jsonl").is_file()
+
+
+def test_misclassified_examples_ask_for_the_probabilities_of_those_images_only():
+    import torch
+
+    from mnist_dist.tracking.tracker import misclassified_examples
+
+    images = torch.arange(6, dtype=torch.uint8).reshape(6, 1, 1).expand(6, 28, 28)
+    asked = []
+
+    def probabilities(some):
+        asked.append(some[:, 0, 0].tolist())
+        return torch.full((len(some), 10), 0.1)
+
+    predictions, labels = torch.tensor([1, 2, 9, 4, 9, 6]), torch.tensor([1, 2, 3, 4, 5, 6])
+    examples = misclassified_examples(predictions, images, labels, probabilities)
+    assert asked == [[2, 4]] and examples["index"].tolist() == [2, 4]
+    assert examples["probabilities"].shape == (2, 10)
+    assert "probabilities" not in misclassified_examples(predictions, images, labels)
 
 
 @pytest.mark.multiprocess
@@ -223,7 +281,9 @@ def test_a_wandb_failure_mid_run_is_one_warning(tmp_path, monkeypatch, caplog):
 
 
 def test_tags_are_words():
-    assert build_config(None, {"wandb_tags": "baseline, sgd,"}).wandb_tags == ("baseline", "sgd")
+    assert build_config(None, {"wandb_tags": "baseline, sgd"}).wandb_tags == ("baseline", "sgd")
+    with pytest.raises(ConfigError, match="'wandb_tags' has an empty item"):
+        build_config(None, {"wandb_tags": "baseline, sgd,"})
     assert build_config(None, {"wandb_tags": ["a"]}).wandb_tags == ("a",)
     assert build_config().wandb_tags == ()
     with pytest.raises(ConfigError, match="'wandb_tags' must be a list of strings"):
@@ -282,3 +342,28 @@ def test_a_damaged_history_is_kept_aside_and_training_starts(tmp_path, caplog):
     assert (tmp_path / "history.jsonl.unreadable").read_text().startswith('{"kind": "config"}\nnot json')
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert kinds == ["config", "step"]
+
+
+def test_a_stopped_sweep_trial_is_marked_preempting(tmp_path, monkeypatch, request):
+    """A trial stopped with a checkpoint (SIGUSR1 before the time limit) is to be resumed: wandb's sweep
+    hands a run marked preempting to an agent again, and its run directory resumes it."""
+    from accelerate import Accelerator
+
+    from mnist_dist.tracking.tracker import Tracker
+
+    import wandb
+
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw42")
+    monkeypatch.setenv("WANDB_RUN_ID", "trial777")
+    wandb.teardown()  # wandb reads its environment once per process: as an agent's trial would start
+    request.addfinalizer(wandb.teardown)  # and the next test starts without the agent's
+    tracker = Tracker(
+        build_config(None, {"output_dir": str(tmp_path)}), Accelerator(cpu=True, log_with="wandb"), tmp_path
+    )
+    tracker.start({"lr": 0.5})
+    tracker.log_step(10, {"train/loss": 0.5})
+    tracker.end(stopped=True)
+    (record,) = offline_runs(tmp_path)
+    kinds = [r.WhichOneof("record_type") for r in read_wandb_records(next(record.glob("run-*.wandb")))]
+    assert "preempting" in kinds
+    assert tracker.run_id == "trial777"
