@@ -347,11 +347,10 @@ def test_a_damaged_history_is_kept_aside_and_training_starts(tmp_path, caplog):
 def test_a_stopped_sweep_trial_is_marked_preempting(tmp_path, monkeypatch, request):
     """A trial stopped with a checkpoint (SIGUSR1 before the time limit) is to be resumed: wandb's sweep
     hands a run marked preempting to an agent again, and its run directory resumes it."""
+    import wandb
     from accelerate import Accelerator
 
     from mnist_dist.tracking.tracker import Tracker
-
-    import wandb
 
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw42")
     monkeypatch.setenv("WANDB_RUN_ID", "trial777")
