@@ -240,17 +240,6 @@ class Unwatched:
     def stop(self) -> None:
         pass
 
-    def _kill_silent_here(self, culprits: list[int]) -> None:
-        """End the silent culprits of this host now: a stopped or wedged process cannot finish, and the
-        launcher would otherwise wait its grace (30 s) for it before killing it all the same."""
-        for rank in culprits:
-            record = self._peers[rank].record
-            if record.get("host") == self._identity["host"] and isinstance(record.get("pid"), int):
-                try:
-                    os.kill(record["pid"], signal.SIGKILL)
-                except OSError:
-                    pass
-
     def lost_peers(self, wait: float) -> dict[int, str]:
         return {}
 
