@@ -173,7 +173,12 @@ def test_every_rank_killed_then_the_same_command_reads_as_one_run(data_dir, tmp_
     runs = offline_runs(run)
     ids = {path.name.rsplit("-", 1)[1] for path in runs}
     assert len(runs) == 2 and len(ids) == 1, runs  # the crashed attempt and its continuation: one wandb run
-    continued = read_wandb_records(next(runs[1].glob("*.wandb")))
+    transaction_log = next(runs[1].glob("*.wandb"), None)
+    assert transaction_log, (
+        {str(path): sorted(p.name for p in path.rglob("*")) for path in runs},
+        again.stderr[-3000:],
+    )
+    continued = read_wandb_records(transaction_log)
     rows = [step for step, _ in wandb_history(continued)]
     assert rows and rows[0] > at and rows[-1] == 2000, (at, rows)
     lost = [s for s in logged if s > at]
