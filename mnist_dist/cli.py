@@ -55,8 +55,17 @@ class _OneLineErrors:
         sys.exit(result if isinstance(result, int) else 0)
 
 
+def _dashes(token: str) -> str:
+    return token.replace("_", "-")
+
+
 class Command(_OneLineErrors, click.Command):
-    pass
+    """A command whose options may also be spelled with the config's own key names
+    (``--weight_decay`` for ``--weight-decay``), as a wandb sweep passes its parameters."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["context_settings"] = {"token_normalize_func": _dashes, **(kwargs.get("context_settings") or {})}
+        super().__init__(*args, **kwargs)
 
 
 class Group(_OneLineErrors, click.Group):

@@ -216,7 +216,7 @@ def test_the_sweep_command_trains_each_trial_on_the_validation_split(monkeypatch
         cfg = build_config(params.pop("config_path"), params)
         assert cfg.val_size == 5000 and cfg.nesterov and cfg.epochs == 30  # best.yaml, on the validation split
         for name, spec in args.items():
-            assert getattr(cfg, name.replace("-", "_")) == spec["value"], name
+            assert getattr(cfg, name) == spec["value"], name  # the sweep's names are the config's keys
 
 
 def test_the_sweep_job_runs_one_agent_per_array_task(tmp_path):
@@ -289,7 +289,7 @@ def test_a_sweep_trial_on_two_processes(tmp_path, data_dir):
 
     sweep = _sweep()
     args = {name: {"value": _first(spec)} for name, spec in sweep["parameters"].items()}
-    args.update({"lr": {"value": 0.07}, "weight-decay": {"value": 0.0003}})
+    args.update({"lr": {"value": 0.07}, "weight_decay": {"value": 0.0003}})
     (tmp_path / "configs").symlink_to(REPO / "configs")  # the agent runs in the repository: relative paths
     param_file = tmp_path / "wandb/sweep-sw42/config-trial777.yaml"  # where the agent writes the trial's values
     param_file.parent.mkdir(parents=True)
@@ -313,7 +313,7 @@ def test_a_sweep_trial_on_two_processes(tmp_path, data_dir):
     assert proc.returncode == 0, output[-3000:]
     assert sorted(ranks) == [0, 1]
     for command, environ in ranks.values():  # every rank: the trial's values and the agent's run
-        assert {"--lr=0.07", "--weight-decay=0.0003", "--val-size", "5000"} <= set(command)
+        assert {"--lr=0.07", "--weight_decay=0.0003", "--val-size", "5000"} <= set(command)
         assert environ["WANDB_RUN_ID"] == "trial777"
 
     run_dir = tmp_path / "runs/sweep-trial777"
@@ -326,8 +326,8 @@ def test_a_sweep_trial_on_two_processes(tmp_path, data_dir):
     records = read_wandb_records(next(record.glob("run-trial777.wandb")))
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     swept = {u.key: json.loads(u.value_json) for u in run.config.update}  # the agent's values, locked by wandb
-    assert (run.run_id, swept["lr"], swept["weight-decay"]) == ("trial777", 0.07, 0.0003)
-    config = wandb_config(records)  # the run's own config, sent by Accelerate
-    assert config["weight_decay"] == 0.0003
+    assert (run.run_id, swept["lr"], swept["weight_decay"]) == ("trial777", 0.07, 0.0003)
+    config = wandb_config(records)  # the run's own config, sent by Accelerate: the same keys
+    assert config["weight_decay"] == 0.0003 and not any("-" in key for key in swept)
     first = json.loads((run_dir / "history.jsonl").read_text().splitlines()[0])
     assert first["wandb_run_id"] == "trial777"
