@@ -1,5 +1,6 @@
 # make train: set up .venv if needed, fetch MNIST, train the reference recipe, print test accuracy.
 # make test:  set up .venv if needed and run the test suite.
+# make test-fast: the tests that start no process (about a minute), while working.
 # make serve: the drawing page and HTTP API for the run in RUN_DIR, on http://127.0.0.1:PORT/.
 # make lint:  ruff's lint and format checks (configured in pyproject.toml); make format fixes the format.
 PYTHON_SYSTEM ?= python3
@@ -14,7 +15,7 @@ LAUNCH_CONFIG ?= configs/accelerate/single_gpu.yaml
 # Known-good builds; pip falls back to the index if they are not cached locally.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data train test serve lint format bench clean
+.PHONY: install data train test test-fast serve lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -34,6 +35,9 @@ train: data
 
 test: install
 	MNIST_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
+
+test-fast: install
+	MNIST_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q -m "not slow"
 
 serve: install
 	$(VENV)/bin/mnist-dist serve --weights $(RUN_DIR) --port $(PORT)

@@ -9,8 +9,43 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiers import ProcessScan, ProcessWatch, starts_processes
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``slow`` every test that starts a process (see tiers.py); ``make test-fast`` leaves them out."""
+    scan = ProcessScan()
+    for item in items:
+        if starts_processes(item, scan):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """A test outside the slow tier whose set-up (fixtures of any scope) starts a process fails, naming it."""
+    return (yield from _starting_no_process(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """... and so does one whose body starts a process: the tiers stay true."""
+    return (yield from _starting_no_process(item))
+
+
+def _starting_no_process(item):
+    if item.get_closest_marker("slow"):
+        return (yield)
+    with ProcessWatch() as watch:
+        result = yield
+    if watch.started:
+        pytest.fail(
+            f"this test started {len(watch.started)} process(es) ({watch.started[0]}) but is not in the "
+            "slow tier: mark it @pytest.mark.slow (tests/tiers.py)",
+            pytrace=False,
+        )
+    return result
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -307,7 +342,7 @@ def read_only_dir(tmp_path):
         subprocess.run(["umount", str(path)], check=True)
 
 
-@pytest.fixture(params=["a file", "read-only", "under /proc"])
+@pytest.fixture(params=["a file", pytest.param("read-only", marks=pytest.mark.slow), "under /proc"])  # mount(8)
 def unusable_data_dir(request, tmp_path) -> Path:
     """A --data-dir the dataset cannot be fetched into: a file, a read-only filesystem, a path under /proc."""
     if request.param == "a file":

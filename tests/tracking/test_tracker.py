@@ -217,6 +217,7 @@ def test_wandb_that_cannot_be_imported_is_one_warning(tmp_path, monkeypatch, cap
     assert not tracker.wandb_on and (tmp_path / "history.jsonl").read_text().count("\n") == 2
 
 
+@pytest.mark.slow  # wandb runs git in-process
 def test_disabled_mode_is_a_quiet_no_op(tmp_path, monkeypatch, caplog):
     import torch
     from accelerate import Accelerator
@@ -247,6 +248,7 @@ def test_disabled_mode_is_a_quiet_no_op(tmp_path, monkeypatch, caplog):
     ]
 
 
+@pytest.mark.slow  # wandb starts its service process
 def test_a_wandb_failure_mid_run_is_one_warning(tmp_path, monkeypatch, caplog):
     """A wandb call that raises disables wandb for the rest of the run; the history goes on."""
     from accelerate import Accelerator
@@ -344,6 +346,7 @@ def test_a_damaged_history_is_kept_aside_and_training_starts(tmp_path, caplog):
     assert kinds == ["config", "step"]
 
 
+@pytest.mark.slow  # wandb starts its service process
 def test_a_stopped_sweep_trial_is_marked_preempting(tmp_path, monkeypatch, request):
     """A trial stopped with a checkpoint (SIGUSR1 before the time limit) is to be resumed: wandb's sweep
     hands a run marked preempting to an agent again, and its run directory resumes it."""

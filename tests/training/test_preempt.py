@@ -46,6 +46,7 @@ def test_requeue_outside_slurm_does_nothing(monkeypatch):
     assert requeue_slurm_job() is False
 
 
+@pytest.mark.slow  # runs a stand-in scontrol
 def test_a_failed_requeue_is_a_warning_saying_to_resubmit(monkeypatch, tmp_path, caplog):
     scontrol = tmp_path / "scontrol"
     scontrol.write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")

@@ -113,6 +113,7 @@ def test_a_run_resumed_inside_the_window_profiles_the_rest_of_it(tmp_path):
     assert step_marks(trace) == {"step 4", "step 5"}
 
 
+@pytest.mark.slow  # wandb starts its service process
 def test_traces_are_attached_to_the_wandb_run_as_a_profile_artifact(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb", reason="wandb is not installed")
     from wandb_files import read_wandb_records
