@@ -5,19 +5,15 @@ import logging
 import torch
 
 from mnist_dist.config import build_config
-from mnist_dist.distributed.runtime import build_accelerator, setup_logging, world_size_from_env
-
-
-def test_world_size_comes_from_the_launcher(monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert world_size_from_env() == 1
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert world_size_from_env() == 4
+from mnist_dist.distributed.runtime import build_accelerator, setup_logging
 
 
 def test_one_process_on_the_cpu_with_the_configs_precision(monkeypatch):
+    from accelerate.state import AcceleratorState
+
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
+    AcceleratorState._reset_state(reset_partial_state=True)  # another test's Accelerator in this process
     accelerator = build_accelerator(build_config(None, {"cpu": True, "mixed_precision": "bf16"}))
     assert accelerator.num_processes == 1 and accelerator.device == torch.device("cpu")
     assert accelerator.mixed_precision == "bf16" and not accelerator.trackers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 
+import pytest
 import torch
 from accelerate import Accelerator
 
@@ -23,10 +24,15 @@ def test_the_exchange_of_one_process_returns_its_own_values():
     assert _exchange_is_correct(Accelerator(cpu=True)) is None
 
 
-def test_timings_are_medians_after_a_warm_up():
-    delays = itertools.chain([0.2] * 3, [0.01, 0.05, 0.01, 0.01, 0.09])  # 3 slow warm-up calls, then 5 timed
-    seconds = _median_seconds(lambda: time.sleep(next(delays)), repeats=5, sync=lambda: None)
-    assert 0.009 < seconds < 0.03
+def test_timings_are_medians_after_a_warm_up(monkeypatch):
+    now = [0.0]  # a clock that moves only by the calls' own durations
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    delays = itertools.chain([0.2] * 3, [0.01, 0.05, 0.02, 0.01, 0.09])  # 3 slow warm-up calls, then 5 timed
+
+    def call():
+        now[0] += next(delays)
+
+    assert _median_seconds(call, repeats=5, sync=lambda: None) == pytest.approx(0.02)
 
 
 def test_a_training_step_is_timed_on_this_process():
