@@ -50,10 +50,14 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, world_size: int) -> tor
 
 def build(cfg: Config, accelerator) -> Parts:
     """Load the data onto the device, make the model and optimizer, prepare them, shard the loaders."""
+    return assemble(cfg, accelerator, *hold_out(*load_datasets(cfg, accelerator), cfg.val_size))
+
+
+def assemble(cfg: Config, accelerator, train_set: TensorImages, eval_set: TensorImages, split: str) -> Parts:
+    """The parts of a run over datasets already on the device (``split``: what ``eval_set`` is)."""
     from accelerate.utils import set_seed
 
     world = accelerator.num_processes
-    train_set, eval_set, split = hold_out(*load_datasets(cfg, accelerator), cfg.val_size)
     set_seed(cfg.seed)  # same initial weights on every rank
     model = MLP(cfg.hidden_sizes)
     sgd = build_optimizer(model, cfg, world)

@@ -1,6 +1,7 @@
 """The training loop: its mathematics on 1 and N processes, and each recipe feature."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +213,124 @@ def test_validation_split_replaces_the_test_set(tmp_path, data_dir):
     assert (metrics["eval_split"], metrics["val_total"]) == ("val", 5000)
     assert not any(key.startswith("test_") for key in metrics)
     assert "val accuracy:" in proc.stdout
+
+
+# -- the Trainer in this process, from built parts, on a few hundred images --------------------
+
+
+@pytest.fixture()
+def make_trainer(tmp_path, mnist_test):
+    """``make_trainer(**config) -> Trainer`` over 256 training and 128 evaluation images of MNIST's
+    test split (one process, the CPU, no tracker), in ``tmp_path/run``; its signal handlers are
+    restored after the test."""
+    from accelerate.state import AcceleratorState
+
+    from mnist_dist.config import build_config
+    from mnist_dist.data.loaders import TensorImages
+    from mnist_dist.distributed.runtime import build_accelerator
+    from mnist_dist.tracking.tracker import Tracker
+    from mnist_dist.training.build import assemble
+    from mnist_dist.training.checkpoint import Checkpointer
+    from mnist_dist.training.preempt import StopFlags
+    from mnist_dist.training.trainer import Trainer
+
+    images, labels = mnist_test
+    made = []
+
+    def make(**config):
+        AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator, as a new run has
+        base = {"cpu": True, "tracker": "none", "batch_size": 32, "lr": 0.1, "log_every": 4, "epochs": 2}
+        cfg = build_config(None, {**base, "output_dir": str(tmp_path / "run"), **config})
+        accelerator = build_accelerator(cfg)
+        run = Path(cfg.output_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        train_set, eval_set = TensorImages(images[:256], labels[:256]), TensorImages(images[256:384], labels[256:384])
+        parts = assemble(cfg, accelerator, train_set, eval_set, "test")
+        tracker = Tracker(cfg, accelerator, run)
+        tracker.start(cfg.to_dict())
+        stop = StopFlags()
+        made.append((stop, tracker))
+        return Trainer(cfg, parts, accelerator, tracker, Checkpointer.from_config(cfg, accelerator, run), stop)
+
+    yield make
+    for stop, tracker in made:
+        stop.restore()
+        tracker.end()
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_one_step_is_one_sgd_step_of_the_cross_entropy(make_trainer):
+    import torch.nn.functional as F
+
+    trainer = make_trainer()
+    images, labels, indices = next(iter(trainer.parts.train_loader))
+    before = _weights(trainer)
+    copy = type(trainer.model)(trainer.cfg.hidden_sizes)  # the same step by hand, on a copy of the model
+    copy.load_state_dict(before)
+    F.cross_entropy(copy(trainer.recipe.inputs(images, indices)), labels).backward()
+    with torch.no_grad():
+        expected = {k: p - 0.1 * p.grad for k, p in copy.named_parameters()}
+    loss = trainer.train_step(images, labels, indices)
+    assert loss.item() > 0 and len(labels) == 32
+    for key, value in _weights(trainer).items():
+        assert torch.allclose(value, expected[key], atol=1e-6), key
+
+
+def test_an_epoch_evaluates_and_reports_exactly(make_trainer):
+    trainer = make_trainer(epochs=1)
+    model, metrics, result = trainer.fit()
+    assert (metrics["steps"], metrics["epochs"], metrics["test_total"]) == (8, 1.0, 128)  # 256 / 32 steps
+    assert metrics["test_correct"] == int(result.confusion.trace()) and 0 < metrics["test_correct"] <= 128
+    assert trainer.progress.step == 8 and trainer.progress.batch == 0 and trainer.progress.epoch == 1
+    assert model is not None and metrics["test_accuracy"] == metrics["test_correct"] / 128
+
+
+def test_a_save_and_a_load_continue_exactly(make_trainer):
+    straight = make_trainer(epochs=2, max_steps=12)  # 12 steps: 1.5 epochs
+    straight.fit()
+    final = _weights(straight)
+
+    first = make_trainer(epochs=2, max_steps=5, output_dir=str(straight.checkpointer.run_dir.parent / "split"))
+    first.fit()
+    saved = first.save_checkpoint()
+    second = make_trainer(epochs=2, max_steps=12, output_dir=str(saved.parents[1]))
+    second.restore(saved)
+    assert (second.progress.step, second.progress.batch) == (5, 5)
+    second.fit()
+    for key, value in _weights(second).items():
+        assert torch.equal(value, final[key]), key
+
+
+def test_a_stop_vote_saves_a_checkpoint_and_raises_stopped(make_trainer):
+    import signal
+
+    from mnist_dist.errors import Stopped
+
+    trainer = make_trainer(epochs=3)
+    trainer.stop.received[signal.SIGTERM] = True  # as if SIGTERM arrived: the next log interval votes
+    with pytest.raises(Stopped) as stopped:
+        trainer.fit()
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert trainer.progress.step == 4  # the first log interval (log_every 4)
+    assert (trainer.checkpointer.run_dir / "checkpoints/step-00000004").is_dir()
+
+
+def test_step_calls_skip_accelerates_wrappers_only_when_they_add_nothing(make_trainer):
+    from mnist_dist.training.step import step_calls
+
+    trainer = make_trainer()
+    zero_grad, backward, step = step_calls(trainer.optimizer, trainer.accelerator)
+    inner = trainer.optimizer.optimizer
+    assert step == inner.step  # the plain SGD step, not AcceleratedOptimizer.step
+    images, labels, indices = next(iter(trainer.parts.train_loader))
+    loss = trainer.model(trainer.recipe.inputs(images, indices)).sum()
+    backward(loss)
+    assert all(p.grad is not None for p in trainer.model.parameters())
+    zero_grad()
+    assert all(p.grad is None for p in trainer.model.parameters())  # set_to_none
+    trainer.accelerator.gradient_accumulation_steps = 2  # now Accelerate's calls are needed
+    zero_grad, backward, step = step_calls(trainer.optimizer, trainer.accelerator)
+    assert step == trainer.optimizer.step and backward == trainer.accelerator.backward
