@@ -21,7 +21,7 @@ from mnist_dist.inference.recognize import Recognizer
 from mnist_dist.model import MLP
 from mnist_dist.runs import save_weights
 
-from conftest import skip_or_fail
+from conftest import RUN_TARGETS, assert_one_error_line, digests, skip_or_fail
 
 # --- fixtures --------------------------------------------------------------------------------
 # Logit equality needs no training: an untrained MLP with saved weights is enough, and fast.
@@ -90,41 +90,6 @@ def test_onnx_gives_the_same_logits_for_any_batch_size(weights):
 
 
 # --- the output never overwrites the run's files or the weights read ------------------------
-
-RUN_TARGETS = [
-    "model.safetensors",
-    "metrics.json",
-    "config.yaml",
-    "history.jsonl",
-    "checkpoints/step-00000001/model.safetensors",
-]
-
-
-@pytest.fixture()
-def run_copy(trained_run_dir, tmp_path) -> Path:
-    """A copy of ``trained_run_dir`` with a config, a history and a checkpoint, as training leaves a run."""
-    import shutil
-
-    run = tmp_path / "exp"
-    shutil.copytree(trained_run_dir, run)
-    (run / "config.yaml").write_text("lr: 0.5\n")
-    (run / "history.jsonl").write_text('{"kind": "step", "step": 1}\n')
-    (run / "checkpoints/step-00000001").mkdir(parents=True)
-    shutil.copy(run / "model.safetensors", run / "checkpoints/step-00000001/model.safetensors")
-    return run
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder``, by relative path (a new or missing file shows too)."""
-    from mnist_dist.runs import sha256_file
-
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_one_error_line(output: str) -> str:
-    lines = output.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in output, output
-    return lines[0]
 
 
 @pytest.mark.parametrize("target", [*RUN_TARGETS, "loose weights"])

@@ -9,7 +9,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from fuzzing import broken_files, files_pillow_warns_about
+from inference.fuzzing import broken_files, files_pillow_warns_about
 from PIL import Image
 
 from mnist_dist.cli import main

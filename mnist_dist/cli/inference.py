@@ -1,4 +1,4 @@
-"""``mnist-dist predict``, ``export`` and ``serve``: parse, call the library, print.
+"""``mnist-dist predict``, ``export`` and ``serve``: parse, call the inference library, print.
 
 Only click is imported here: each command imports what it runs when it runs, so
 ``mnist-dist --help`` loads neither torch nor the web server. Errors a user can fix are
@@ -13,6 +13,7 @@ import sys
 import click
 
 from ..errors import ServeError
+from .base import Command
 
 EXIT_SOME_FAILED = 1
 # Optional packages of `mnist-dist serve` (pip install "mnist-dist[serve]").
@@ -20,28 +21,28 @@ SERVE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "anyio"
 WEIGHTS_HELP = "model.safetensors of a run, or the run directory (checksum verified)."
 
 
-@click.command("predict")
+@click.command("predict", cls=Command)
 @click.option("--weights", required=True, type=click.Path(), help=WEIGHTS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
 @click.option("--top-k", type=click.IntRange(1, 10), default=None, help="Also show the K most probable digits.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 def predict_command(weights: str, as_json: bool, top_k: int | None, inputs: tuple[str, ...]) -> None:
     """Recognise the digit in each image file (PNG, JPEG, ...); directories are searched."""
-    from .recognize import Recognizer
-    from .results import report
+    from ..inference.recognize import Recognizer
+    from ..inference.results import report
 
     failed = report(Recognizer.load(weights).predict_files(inputs), as_json, top_k)
     if failed:
         sys.exit(EXIT_SOME_FAILED)
 
 
-@click.command("export")
+@click.command("export", cls=Command)
 @click.option("--weights", required=True, type=click.Path(), help=WEIGHTS_HELP)
 @click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True, help="File format.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Where to write it [default: beside the weights].")
 def export_command(weights: str, fmt: str, output: str | None) -> None:
     """Write the model as TorchScript or ONNX, checked to give the same logits as PyTorch."""
-    from .export import export_model, verify_export
+    from ..inference.export import export_model, verify_export
 
     path = export_model(weights, fmt, output)
     gap = verify_export(path, weights)
@@ -54,7 +55,7 @@ def export_command(weights: str, fmt: str, output: str | None) -> None:
 def _serve_module():
     """``inference.serve``, imported only when serving; a missing web package is one ``Error:`` line."""
     try:
-        from . import serve
+        from ..inference import serve
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in SERVE_PACKAGES:
             raise
@@ -65,7 +66,7 @@ def _serve_module():
     return serve
 
 
-@click.command("serve")
+@click.command("serve", cls=Command)
 @click.option("--weights", required=True, type=click.Path(dir_okay=True), help=WEIGHTS_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all interfaces).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
