@@ -7,6 +7,7 @@ is removed, so the metrics equal those of one process on the same weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,9 @@ import torch.nn.functional as F
 
 from .data.loaders import shard_sampler, to_inputs
 from .model import NUM_CLASSES
+
+# Misclassified images kept at the end of a run (misclassified.safetensors, the tracker's grid and table).
+MAX_MISCLASSIFIED = 64
 
 
 @dataclass(frozen=True)
@@ -90,3 +94,28 @@ def evaluate(model: torch.nn.Module, loader, accelerator, on_batch=None) -> Eval
         confusion=confusion.reshape(NUM_CLASSES, NUM_CLASSES).cpu(),
         predictions=pred,
     )
+
+
+def misclassified_examples(
+    predictions: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    limit: int = MAX_MISCLASSIFIED,
+) -> dict[str, torch.Tensor]:
+    """The first ``limit`` wrongly predicted images (dataset order), on the CPU.
+
+    ``probabilities``: the model's class probabilities of some images (uint8, N x 28 x 28 ->
+    N x classes), given by the trainer so that tracking holds no model code; called for
+    these few images only, and kept as ``probabilities``.
+    """
+    index = (predictions != labels).nonzero().flatten()[:limit]
+    examples = {
+        "images": images[index].cpu(),
+        "predicted": predictions[index].cpu(),
+        "label": labels[index].cpu(),
+        "index": index.cpu(),
+    }
+    if probabilities is not None:
+        examples["probabilities"] = probabilities(examples["images"]).float().cpu()
+    return examples

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_dist.data.loaders import TensorImages, make_loader
-from mnist_dist.evaluation import evaluate
+from mnist_dist.evaluation import evaluate, misclassified_examples
 from mnist_dist.model import MLP
 from mnist_dist.runs import load_weights
 
@@ -45,3 +45,20 @@ def test_evaluate_restores_training_mode(model, mnist_test):
     model.train()
     evaluate(model, loader, Accelerator(cpu=True))
     assert model.training
+
+
+def test_misclassified_examples_ask_for_the_probabilities_of_those_images_only():
+    import torch
+
+    images = torch.arange(6, dtype=torch.uint8).reshape(6, 1, 1).expand(6, 28, 28)
+    asked = []
+
+    def probabilities(some):
+        asked.append(some[:, 0, 0].tolist())
+        return torch.full((len(some), 10), 0.1)
+
+    predictions, labels = torch.tensor([1, 2, 9, 4, 9, 6]), torch.tensor([1, 2, 3, 4, 5, 6])
+    examples = misclassified_examples(predictions, images, labels, probabilities)
+    assert asked == [[2, 4]] and examples["index"].tolist() == [2, 4]
+    assert examples["probabilities"].shape == (2, 10)
+    assert "probabilities" not in misclassified_examples(predictions, images, labels)

@@ -69,3 +69,8 @@ def build_accelerator(cfg: Config, log_with: str | None = None):
         kwargs_handlers=[timeout],
         log_with=log_with,
     )
+
+
+def end_process_group(accelerator) -> None:
+    """End the job's process group (every rank, last): no rank exits with a collective in flight."""
+    accelerator.state.destroy_process_group()

@@ -38,7 +38,7 @@ def run_doctor(cfg: Config, report: str | None = None) -> int:
     cannot reach the main process raises ``RendezvousError`` (one line); a main process
     whose ranks never come reports that in its table.
     """
-    from ..distributed.runtime import build_accelerator, setup_logging
+    from ..distributed.runtime import build_accelerator, end_process_group, setup_logging
     from ..errors import RendezvousError
 
     facts = local_facts(cfg)
@@ -62,7 +62,7 @@ def run_doctor(cfg: Config, report: str | None = None) -> int:
     checks.insert(5, comm)
     if accelerator.is_main_process:
         _publish(cfg, checks, everyone, figures, report)
-    accelerator.end_training()
+    end_process_group(accelerator)
     return 1 if any(c.status == FAIL for c in checks) else 0
 
 

@@ -66,8 +66,9 @@ def misclassified_grid(
     return grid
 
 
-def final_charts(confusion: torch.Tensor, examples: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The end of a run as wandb shows it: confusion matrix, grid and table of misclassified digits."""
+def final_charts(confusion: torch.Tensor, examples: dict[str, torch.Tensor], split: str) -> dict[str, Any]:
+    """The end of a run as wandb shows it: confusion matrix, grid and table of misclassified digits, named
+    by the split evaluated (``test/...``, or ``val/...`` on a validation hold-out)."""
     import wandb
 
     n = len(confusion)  # wandb's chart wants one (true, predicted) pair per image
@@ -75,9 +76,9 @@ def final_charts(confusion: torch.Tensor, examples: dict[str, torch.Tensor]) -> 
     grid = misclassified_grid(examples["images"], examples["predicted"], examples["label"])
     rows = [[wandb.Image(image), *rest] for image, *rest in misclassified_rows(examples)]
     return {
-        "test/confusion_matrix": wandb.plot.confusion_matrix(
+        f"{split}/confusion_matrix": wandb.plot.confusion_matrix(
             y_true=(cells // n).tolist(), preds=(cells % n).tolist(), class_names=[str(c) for c in range(n)]
         ),
-        "test/misclassified": wandb.Image(grid, caption="predicted / true label"),
-        "test/misclassified_table": wandb.Table(columns=list(TABLE_COLUMNS), data=rows),
+        f"{split}/misclassified": wandb.Image(grid, caption="predicted / true label"),
+        f"{split}/misclassified_table": wandb.Table(columns=list(TABLE_COLUMNS), data=rows),
     }

@@ -24,7 +24,6 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ from .wandb_run import init_kwargs as wandb_init_kwargs
 
 log = logging.getLogger("mnist_dist")
 
-MAX_MISCLASSIFIED = 64
 # The main process waits for wandb's start at most its init timeout plus this (import, service start).
 START_MARGIN = 30.0
 
@@ -69,29 +67,11 @@ def run_config(cfg, accelerator) -> dict[str, Any]:
     }
 
 
-def misclassified_examples(
-    predictions: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    limit: int = MAX_MISCLASSIFIED,
-) -> dict[str, torch.Tensor]:
-    """The first ``limit`` wrongly predicted images (dataset order), on the CPU.
-
-    ``probabilities``: the model's class probabilities of some images (uint8, N x 28 x 28 ->
-    N x classes), given by the trainer so that tracking holds no model code; called for
-    these few images only, and kept as ``probabilities``.
-    """
-    index = (predictions != labels).nonzero().flatten()[:limit]
-    examples = {
-        "images": images[index].cpu(),
-        "predicted": predictions[index].cpu(),
-        "label": labels[index].cpu(),
-        "index": index.cpu(),
-    }
-    if probabilities is not None:
-        examples["probabilities"] = probabilities(examples["images"]).float().cpu()
-    return examples
+def wandb_summary(metrics: dict[str, Any], split: str) -> dict[str, Any]:
+    """``metrics.json``'s figures under the names the dashboard logs them by: ``test_accuracy`` is
+    ``test/accuracy`` (one name per metric in the run's summary), the rest as they are."""
+    prefix = f"{split}_"
+    return {f"{split}/{k[len(prefix) :]}" if k.startswith(prefix) else k: v for k, v in metrics.items()}
 
 
 class Tracker:
@@ -265,9 +245,10 @@ class Tracker:
             return
         from .pictures import final_charts
 
+        split = summary.get("eval_split", "test")
         try:
-            self.accelerator.get_tracker("wandb", unwrap=True).summary.update(summary)
-            self.accelerator.log(final_charts(confusion, examples), step=self._last_step)
+            self.accelerator.get_tracker("wandb", unwrap=True).summary.update(wandb_summary(summary, split))
+            self.accelerator.log(final_charts(confusion, examples, split), step=self._last_step)
         except Exception as exc:
             self._fail("log the final results", exc)
 
@@ -295,13 +276,13 @@ class Tracker:
             self._mark_preempting()
         if self._history is not None:
             self._history.close()
-        try:
-            self.accelerator.end_training()
-        except Exception as exc:
-            if not self.wandb_on:
-                raise
-            self._fail("finish", exc)
-            self.accelerator.end_training()  # the tracker is dropped: this only ends the process group
+        for tracker in list(self.accelerator.trackers):
+            try:
+                tracker.finish()
+            except Exception as exc:
+                if tracker.name != "wandb":
+                    raise
+                self._fail("finish", exc)
 
     def _mark_preempting(self) -> None:
         if not self.is_main or agent_run_id() is None or self.wandb_run() is None:
@@ -341,5 +322,5 @@ class Tracker:
         self._drop_wandb()
 
     def _drop_wandb(self) -> None:
-        # Drop the tracker so Accelerate's end_training does not call into a broken run.
+        # Drop the tracker so that nothing calls into a broken run again.
         self.accelerator.trackers[:] = [t for t in self.accelerator.trackers if t.name != "wandb"]

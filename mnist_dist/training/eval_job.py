@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..data.loaders import load_datasets, make_loader
-from ..distributed.runtime import build_accelerator, setup_logging
+from ..distributed.runtime import build_accelerator, end_process_group, setup_logging
 from ..evaluation import evaluate
 from ..model import MLP, hidden_sizes_from_state_dict
 from ..runs import check_output, load_weights, weights_file, write_json
@@ -44,5 +44,5 @@ def run(cfg, weights: str, output: str | None = None) -> dict[str, Any]:
         write_json(target, metrics)
     accelerator.print(f"test accuracy: {100 * result.accuracy:.2f}% ({result.correct}/{result.total})")
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # closes the process group: no rank exits with a collective in flight
+    end_process_group(accelerator)
     return metrics

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import runs
 from ..config import Config, per_process_batch_size, save_config
-from ..distributed.runtime import build_accelerator, setup_logging, world_size_from_env
+from ..distributed.runtime import build_accelerator, end_process_group, setup_logging, world_size_from_env
 from ..distributed.waiting import first_line
 from ..distributed.watchdog import watchdog_for
 from ..errors import DataError, PeerLostError, RunDirBusyError, Stopped, UserError
@@ -123,6 +123,12 @@ def _data_ready(cfg: Config, accelerator) -> None:
         raise DataError(problem)
 
 
+def _end(tracker: Tracker, accelerator, stopped: bool = False) -> None:
+    """Every rank, last: close the history and wandb (main process), then the process group this job started."""
+    tracker.end(stopped)
+    end_process_group(accelerator)
+
+
 def _train(cfg: Config, accelerator, run_dir: Path, watch) -> dict[str, Any]:
     """Resume or start, train, and write the results, on every rank."""
     _data_ready(cfg, accelerator)
@@ -150,7 +156,7 @@ def _train(cfg: Config, accelerator, run_dir: Path, watch) -> dict[str, Any]:
         # The checkpoint is complete on every rank: requeue first, as SLURM may end the job soon.
         if exc.signum == signal.SIGUSR1 and cfg.requeue and accelerator.is_main_process:
             requeue_slurm_job()
-        tracker.end(stopped=True)  # every rank: closes wandb (a sweep's run: to resume), ends the process group
+        _end(tracker, accelerator, stopped=True)  # a sweep's wandb run: to be resumed
         raise
     except RuntimeError as exc:  # gloo / NCCL errors: a peer died in a collective
         if accelerator.num_processes == 1 or isinstance(exc, UserError):
@@ -161,5 +167,5 @@ def _train(cfg: Config, accelerator, run_dir: Path, watch) -> dict[str, Any]:
     _write_results(accelerator, run_dir, model, metrics)
     tracker.log_model()  # main process: the files just written, as a wandb artifact
     accelerator.wait_for_everyone()
-    tracker.end()  # on every rank: closes wandb (main process), ends the process group
+    _end(tracker, accelerator)
     return metrics

@@ -23,8 +23,7 @@ from ..config import parse_steps
 from ..data.loaders import shard_sampler, to_inputs
 from ..distributed.watchdog import Unwatched
 from ..errors import Stopped
-from ..evaluation import EvalResult, evaluate
-from ..tracking.tracker import misclassified_examples
+from ..evaluation import EvalResult, evaluate, misclassified_examples
 from .build import Parts
 from .checkpoint import Checkpointer
 from .meters import LossMeter, Progress, Stopwatch

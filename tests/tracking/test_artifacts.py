@@ -92,3 +92,20 @@ def test_a_run_logs_its_model_once_however_often_it_is_run_again(tmp_path, data_
         assert entries[name] == base64.b64encode(hashlib.md5((out / name).read_bytes()).digest()).decode()
     markers = [r for r in history(out) if r["kind"] == "artifact"]
     assert [m["weights_sha256"] for m in markers] == [metrics["weights_sha256"]]
+
+
+def test_a_validation_run_names_its_charts_and_summary_by_the_split(tmp_path, data_dir):
+    """A --val-size run's final charts are val/..., and its summary has each metric once, by its logged name."""
+    from wandb_files import offline_runs, read_wandb_records, wandb_history
+
+    out = tmp_path / "run"
+    proc = _train(out, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = offline_runs(out)
+    records = read_wandb_records(next(record.glob("run-*.wandb")))
+    logged = {"/".join(key.split("/")[:2]) for _, items in wandb_history(records) for key in items}  # media: nested
+    assert {"val/confusion_matrix_table", "val/misclassified", "val/misclassified_table"} <= logged, logged
+    assert not any(key.startswith("test/") for key in logged), logged
+    summary = {u.key for r in records if r.WhichOneof("record_type") == "summary" for u in r.summary.update}
+    assert {"val/accuracy", "val/correct", "val/total", "eval_split"} <= summary, summary
+    assert not any(key.startswith(("val_", "test_")) for key in summary), summary

@@ -20,7 +20,8 @@ def finished_run(tmp_path, mnist_test):
     """A run directory written by the Tracker as training does: 3 epochs of 50 steps."""
     from accelerate import Accelerator
 
-    from mnist_dist.tracking.tracker import Tracker, misclassified_examples
+    from mnist_dist.evaluation import misclassified_examples
+    from mnist_dist.tracking.tracker import Tracker
 
     images, labels = mnist_test
     cfg = build_config(None, {"output_dir": str(tmp_path), "tracker": "none", "epochs": 3})
