@@ -327,7 +327,7 @@ def test_a_sweep_trial_on_two_processes(tmp_path, data_dir):
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     swept = {u.key: json.loads(u.value_json) for u in run.config.update}  # the agent's values, locked by wandb
     assert (run.run_id, swept["lr"], swept["weight_decay"]) == ("trial777", 0.07, 0.0003)
-    config = wandb_config(records)  # the run's own config, sent by Accelerate: the same keys
-    assert config["weight_decay"] == 0.0003 and not any("-" in key for key in swept)
+    config = {**swept, **wandb_config(records)}  # and the run's own, sent by Accelerate: one weight_decay
+    assert config["weight_decay"] == 0.0003 and config["batch_size"] == 256 and not any("-" in k for k in swept)
     first = json.loads((run_dir / "history.jsonl").read_text().splitlines()[0])
     assert first["wandb_run_id"] == "trial777"
