@@ -54,9 +54,10 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, accelerator, on_batch=None) -> EvalResult:
-    """Evaluate ``model`` on ``loader`` (a ``make_loader`` loader) across all processes; ``on_batch()``
-    after each batch (progress, for the stall watchdog)."""
+def evaluate(model: torch.nn.Module, loader, accelerator, progress=None) -> EvalResult:
+    """Evaluate ``model`` on ``loader`` (a ``make_loader`` loader) across all processes. ``progress(phase)``
+    is told where this rank is (for the stall watchdog): ``"evaluation"`` after each batch, then
+    ``"evaluated"`` while it waits for the other ranks' shards."""
     was_training = model.training
     model.eval()
     device = accelerator.device
@@ -68,10 +69,12 @@ def evaluate(model: torch.nn.Module, loader, accelerator, on_batch=None) -> Eval
         preds.append(logits.argmax(dim=1))
         labels_seen.append(labels)
         indices.append(idx.to(device))
-        if on_batch is not None:
-            on_batch()
+        if progress is not None:
+            progress("evaluation")
     model.train(was_training)
 
+    if progress is not None:
+        progress("evaluated")
     sampler = shard_sampler(loader)
     n_local = sum(len(i) for i in indices)
     # Position j of this rank's shard is position j * world + rank of the padded list;

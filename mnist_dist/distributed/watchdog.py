@@ -9,9 +9,10 @@ agree), judges:
 
 - a rank is **silent** when its heartbeat has not changed for ``stall_timeout`` seconds:
   its process is stopped, hung below Python, or its node is gone;
-- the run is **stalled** when some rank's progress has not moved for ``stall_timeout``.
-  The ranks named are the silent ones, or, if none is, the live ranks furthest behind
-  (a rank waiting in a collective for a late peer is a victim, not the cause).
+- the run is **stalled** when no rank's progress has moved for ``stall_timeout``: while
+  one still progresses, the others wait for it (a rank whose shard of an evaluation took
+  longer). The ranks named are the silent ones, or, if none is, the live ranks furthest
+  behind (a rank waiting in a collective for a late peer is a victim, not the cause).
 
 On a stall every live rank writes the Python stacks of all its threads to
 ``RUN_DIR/stalls/step-N/rank-R.txt`` and exits with status ``STALLED_EXIT``; the lowest live
@@ -41,7 +42,8 @@ log = logging.getLogger("mnist_dist")
 PROGRESS_DIR, STALLS_DIR = ".progress", "stalls"
 # A rank's phases in the order a step goes through them: of two ranks at the same step, the
 # one at an earlier phase is behind. "finished": the rank is done and no longer judged.
-PHASES = ("start", "data", "compute", "collective", "evaluation", "checkpoint", "finished")
+# In the order a rank goes through them; "evaluated": its shard is done, it waits for the others'.
+PHASES = ("start", "data", "compute", "collective", "evaluation", "evaluated", "checkpoint", "finished")
 STALLED_EXIT = 3  # documented in docs/troubleshooting.md ("Exit codes")
 
 
@@ -148,8 +150,8 @@ class Watchdog:
         silent = [r for r, p in judged.items() if r != self.rank and now - p.beat_seen > self.timeout]
         if silent:
             return silent, True
-        if not any(now - p.progress_seen > self.timeout for p in judged.values()):
-            return [], False
+        if any(now - p.progress_seen <= self.timeout for p in judged.values()):
+            return [], False  # someone still progresses: the others wait for it (e.g. a slower evaluation)
 
         def position(r: int) -> tuple[int, int]:
             record = judged[r].record

@@ -212,7 +212,7 @@ class Trainer:
         model = self.recipe.inference_model(self.model, self.accelerator)
         self._at("evaluation")
         result = evaluate(
-            model, self.parts.eval_loader, self.accelerator, on_batch=lambda: self.watch.mark("evaluation")
+            model, self.parts.eval_loader, self.accelerator, progress=self.watch.mark
         )
         self.eval_seconds = time.perf_counter() - start
         return result

@@ -71,6 +71,19 @@ def test_progress_keeps_a_slow_rank_out_of_it_and_a_finished_rank_is_not_judged(
     assert zero.judge(4 * T) == ([], False)
 
 
+def test_a_rank_waiting_for_a_peer_that_still_progresses_is_not_a_stall(tmp_path):
+    """Rank 0 finished its shard of the evaluation and waits in the gather; rank 1's shard takes longer."""
+    zero, one = ranks(tmp_path)
+    zero.mark("evaluated", 19)  # its shard done, it waits in the gather
+    for now in (0.0, T / 2, T, 1.5 * T, 2 * T):
+        one.mark("evaluation", 19)  # a batch of rank 1's evaluation
+        beat([zero, one], now)
+    assert zero.judge(2 * T) == one.judge(2 * T) == ([], False)
+    for now in (2.5 * T, 3 * T + 1):  # then rank 1 stops progressing too: a stall, rank 1's
+        beat([zero, one], now)
+    assert zero.judge(3 * T + 1) == ([1], False)
+
+
 def test_a_peer_whose_process_ended_on_this_host_is_named_lost_at_once(tmp_path):
     zero, one = ranks(tmp_path)
     one.mark("compute", 12)
