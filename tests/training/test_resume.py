@@ -174,10 +174,9 @@ def test_every_rank_killed_then_the_same_command_reads_as_one_run(data_dir, tmp_
     ids = {path.name.rsplit("-", 1)[1] for path in runs}
     assert len(runs) == 2 and len(ids) == 1, runs  # the crashed attempt and its continuation: one wandb run
     transaction_log = next(runs[1].glob("*.wandb"), None)
-    assert transaction_log, (
-        {str(path): sorted(p.name for p in path.rglob("*")) for path in runs},
-        again.stderr[-3000:],
-    )
+    if transaction_log is None:  # say what each offline run holds and what the continuation printed, in full
+        held = {str(path): sorted(str(p.relative_to(path)) for p in path.rglob("*")) for path in runs}
+        pytest.fail(f"no wandb transaction log in {runs[1]}: {held}\n{again.stderr[-4000:]}", pytrace=False)
     continued = read_wandb_records(transaction_log)
     rows = [step for step, _ in wandb_history(continued)]
     assert rows and rows[0] > at and rows[-1] == 2000, (at, rows)
