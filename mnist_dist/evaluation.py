@@ -53,8 +53,12 @@ class EvalResult:
         return out
 
 
+def _nowhere(phase: str) -> None:
+    """Progress told to no one (evaluation outside a watched run)."""
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, accelerator, progress=None) -> EvalResult:
+def evaluate(model: torch.nn.Module, loader, accelerator, progress: Callable[[str], None] = _nowhere) -> EvalResult:
     """Evaluate ``model`` on ``loader`` (a ``make_loader`` loader) across all processes. ``progress(phase)``
     is told where this rank is (for the stall watchdog): ``"evaluation"`` after each batch, then
     ``"evaluated"`` while it waits for the other ranks' shards."""
@@ -69,12 +73,9 @@ def evaluate(model: torch.nn.Module, loader, accelerator, progress=None) -> Eval
         preds.append(logits.argmax(dim=1))
         labels_seen.append(labels)
         indices.append(idx.to(device))
-        if progress is not None:
-            progress("evaluation")
+        progress("evaluation")
     model.train(was_training)
-
-    if progress is not None:
-        progress("evaluated")
+    progress("evaluated")
     sampler = shard_sampler(loader)
     n_local = sum(len(i) for i in indices)
     # Position j of this rank's shard is position j * world + rank of the padded list;
@@ -83,7 +84,6 @@ def evaluate(model: torch.nn.Module, loader, accelerator, progress=None) -> Eval
     local = [torch.cat(t) for t in (preds, labels_seen, losses, indices)] + [keep]
     pred, label, loss, index, keep = (accelerator.gather(t) for t in local)
     pred, label, loss, index = pred[keep], label[keep], loss[keep], index[keep]
-
     total = len(loader.dataset)
     index, order = torch.sort(index)  # dataset order: the loss sum no longer depends on world size
     pred, label, loss = pred[order], label[order], loss[order]
