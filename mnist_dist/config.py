@@ -33,6 +33,8 @@ DATA_DIR_ENV = "MNIST_DATA_DIR"
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A config field: its default, its help, and what its metadata says of it (bounds, ``choices``,
+    ``on_resume``: "free" if a resumed run may change it, "length" for the run's length)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -46,13 +48,14 @@ class Config:
         "data",
         f"Directory holding DATASET/raw/ (fetched there if missing); default ${DATA_DIR_ENV} if set, else data.",
         nonempty=True,
+        on_resume="free",
     )
-    output_dir: str = _opt("runs/default", "Run directory: config, metrics, weights.", nonempty=True)
+    output_dir: str = _opt("runs/default", "Run directory: config, metrics, weights.", nonempty=True, on_resume="free")
     # Model
     hidden_sizes: tuple[int, ...] = _opt((256,), "Hidden layer widths, e.g. 256 or 512,256.", min=1, max=MAX_WIDTH)
     # Schedule and batches
-    epochs: int = _opt(10, "Passes over the training set.", min=1)
-    max_steps: int | None = _opt(None, "Stop after this many optimizer steps (all epochs).", min=1)
+    epochs: int = _opt(10, "Passes over the training set.", min=1, on_resume="length")
+    max_steps: int | None = _opt(None, "Stop after this many optimizer steps (all epochs).", min=1, on_resume="length")
     batch_size: int = _opt(
         64, "Batch size; global or per device, see batch_mode.", min=1, max=TRAIN_IMAGES, why="the training set's size"
     )
@@ -61,7 +64,7 @@ class Config:
         "global: batch_size is split over processes (same maths on 1..N); per_device: each process takes batch_size.",
         choices=("global", "per_device"),
     )
-    eval_batch_size: int = _opt(1000, "Evaluation batch size per process.", min=1)
+    eval_batch_size: int = _opt(1000, "Evaluation batch size per process.", min=1, on_resume="free")
     shuffle: bool = _opt(False, "Reshuffle the training set every epoch (seeded).")
     seed: int = _opt(0, "Seed for weights and shuffling; the same on every process.", min=0, max=MAX_SEED)
     # Optimizer
@@ -76,7 +79,9 @@ class Config:
     weight_decay: float = _opt(0.0, "L2 weight decay.", min=0.0)
     grad_clip: float | None = _opt(None, "Clip the global gradient norm to this value.", min_exclusive=0.0)
     check_finite: bool = _opt(
-        True, "Stop before any optimizer step whose loss is not finite on some rank (one host sync per step)."
+        True,
+        "Stop before any optimizer step whose loss is not finite on some rank (one host sync per step).",
+        on_resume="free",
     )
     # Recipe: schedule, loss, inputs, validation (all off by default: the reference recipe)
     lr_schedule: str = _opt(
@@ -117,7 +122,7 @@ class Config:
         max_exclusive=TRAIN_IMAGES,
     )
     # Execution
-    cpu: bool = _opt(False, "Train on CPU even if a GPU is present (needed for CPU processes).")
+    cpu: bool = _opt(False, "Train on CPU even if a GPU is present (needed for CPU processes).", on_resume="free")
     mixed_precision: str = _opt(
         "no", "bf16: autocast the forward pass to bfloat16 (GPUs with bf16, recent CPUs).", choices=("no", "bf16")
     )
@@ -126,58 +131,79 @@ class Config:
         "torch.compile the model: default, or reduce-overhead (adds CUDA-graph capture on GPU).",
         choices=("none", "default", "reduce-overhead", "max-autotune"),
     )
-    log_every: int = _opt(100, "Log training loss every N optimizer steps.", min=1)
+    log_every: int = _opt(100, "Log training loss every N optimizer steps.", min=1, on_resume="free")
     profile_steps: str | None = _opt(
-        None, "Trace these optimizer steps with torch.profiler, e.g. 200-220 (a file per rank in RUN_DIR/profiles/)."
+        None,
+        "Trace these optimizer steps with torch.profiler, e.g. 200-220 (a file per rank in RUN_DIR/profiles/).",
+        on_resume="free",
     )
     collective_timeout: int = _opt(
         300,
         "Seconds a process waits for the others in a collective before the job fails.",
         min=1,
         max=MAX_TIMEOUT,
+        on_resume="free",
     )
     stall_timeout: int = _opt(
         120,
         "Seconds without progress on some rank before every rank ends, naming it (0: no watchdog; several processes).",
         min=0,
         max=MAX_TIMEOUT,
+        on_resume="free",
     )
     rendezvous_timeout: int = _opt(
         120,
         "Seconds a process waits at start-up for the main process and the others before the run fails.",
         min=1,
         max=MAX_TIMEOUT,
+        on_resume="free",
     )
     # Checkpoints, resume and preemption
     checkpoint_every: int = _opt(
         0,
         "Also save a checkpoint every N optimizer steps (0: only at epoch ends, at the end, and on a stop signal).",
         min=0,
+        on_resume="free",
     )
-    checkpoint_every_epochs: int = _opt(1, "Save a checkpoint every N epochs (0: not at epoch ends).", min=0)
+    checkpoint_every_epochs: int = _opt(
+        1, "Save a checkpoint every N epochs (0: not at epoch ends).", min=0, on_resume="free"
+    )
     keep_checkpoints: int = _opt(
-        2, "Keep the newest N checkpoints; older ones are deleted only once a newer one is complete.", min=1
+        2,
+        "Keep the newest N checkpoints; older ones are deleted only once a newer one is complete.",
+        min=1,
+        on_resume="free",
     )
     resume: str = _opt(
         "auto",
         "auto: continue from the newest complete checkpoint in output_dir (fresh start if none); "
         "none: start afresh (refused if output_dir has checkpoints); or a checkpoint or run directory.",
+        on_resume="free",
     )
     requeue: bool = _opt(
-        True, "Under SLURM, on SIGUSR1 (sbatch --signal=USR1@SECONDS) save a checkpoint and requeue the job."
+        True,
+        "Under SLURM, on SIGUSR1 (sbatch --signal=USR1@SECONDS) save a checkpoint and requeue the job.",
+        on_resume="free",
     )
     # Tracking
     tracker: str = _opt(
-        "wandb", "Experiment tracker; without credentials wandb logs offline.", choices=("wandb", "none")
+        "wandb",
+        "Experiment tracker; without credentials wandb logs offline.",
+        choices=("wandb", "none"),
+        on_resume="free",
     )
-    wandb_project: str = _opt("mnist-dist", "Weights & Biases project.")
-    wandb_entity: str | None = _opt(None, "Weights & Biases entity (user or team); None: your default.")
-    wandb_run_name: str | None = _opt(None, "Weights & Biases run name; None: a generated one.")
-    wandb_tags: tuple[str, ...] = _opt((), "Weights & Biases tags, e.g. baseline,sgd.")
+    wandb_project: str = _opt("mnist-dist", "Weights & Biases project.", on_resume="free")
+    wandb_entity: str | None = _opt(
+        None, "Weights & Biases entity (user or team); None: your default.", on_resume="free"
+    )
+    wandb_run_name: str | None = _opt(None, "Weights & Biases run name; None: a generated one.", on_resume="free")
+    wandb_tags: tuple[str, ...] = _opt((), "Weights & Biases tags, e.g. baseline,sgd.", on_resume="free")
     wandb_group: str | None = _opt(
-        None, "Weights & Biases group; None: slurm-$SLURM_JOB_ID, else the run directory's name."
+        None, "Weights & Biases group; None: slurm-$SLURM_JOB_ID, else the run directory's name.", on_resume="free"
     )
-    wandb_dir: str | None = _opt(None, "Directory for wandb's files (DIR/wandb/); None: the run directory.")
+    wandb_dir: str | None = _opt(
+        None, "Directory for wandb's files (DIR/wandb/); None: the run directory.", on_resume="free"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict of every key (tuples become lists)."""
@@ -535,6 +561,15 @@ def per_process_batch_size(cfg: Config, world_size: int) -> int:
 def global_batch_size(cfg: Config, world_size: int) -> int:
     """Samples per optimizer step over all processes."""
     return cfg.batch_size * world_size if cfg.batch_mode == "per_device" else cfg.batch_size
+
+
+def free_on_resume(cfg: Config) -> frozenset[str]:
+    """Keys a run resumed with ``cfg`` may change: where files go, what is logged, how often to
+    checkpoint, how evaluation is batched (``on_resume: free``); and, with a constant learning
+    rate, its length (``on_resume: length``), which then changes no step already taken. Every
+    other key changes the training mathematics."""
+    kinds = {"free", "length"} if cfg.lr_schedule == "constant" and cfg.warmup_fraction == 0 else {"free"}
+    return frozenset(name for name, f in FIELDS.items() if f.metadata.get("on_resume") in kinds)
 
 
 def effective_lr(cfg: Config, world_size: int) -> float:

@@ -395,3 +395,16 @@ def test_fuzz_any_command_line_value(key, text):
         return
     overrides = {k: v for k, v in ctx.params.items() if k != "config_path"}
     config_or_error_naming([key], lambda: build_config(None, overrides))
+
+
+def test_the_keys_a_resume_may_change_come_from_the_fields():
+    """Where files go, what is logged, how often to checkpoint, how evaluation is batched; the length
+    only with a constant learning rate. Nothing of the training mathematics."""
+    from mnist_dist.config import free_on_resume
+
+    free = free_on_resume(Config())
+    assert {"output_dir", "data_dir", "log_every", "checkpoint_every", "eval_batch_size", "wandb_tags"} <= free
+    assert {"epochs", "max_steps"} <= free
+    assert not free & {"lr", "batch_size", "seed", "shuffle", "momentum", "hidden_sizes", "batch_mode", "dataset"}
+    assert free_on_resume(Config(lr_schedule="cosine")) == free - {"epochs", "max_steps"}
+    assert free_on_resume(Config(warmup_fraction=0.1)) == free - {"epochs", "max_steps"}

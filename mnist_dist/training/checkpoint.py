@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import time
@@ -31,8 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointError
 from ..runs import STATE_FILE, checkpoints_dir, file_mode, sha256_file
-from .integrity import FORMAT, checkpoint_dirs, inspect, state_digest
+from .integrity import FORMAT, checkpoint_dirs, read_state, state_digest, verify_checkpoint
+from .resume import check_compatible, resolve_on_main
+
+log = logging.getLogger("mnist_dist")
 
 
 def _fsync(path: Path) -> None:
@@ -103,7 +108,7 @@ def _commit(tmp: Path, final: Path, state: dict[str, Any]) -> None:
     record["sha256"] = state_digest(record)
     _write_json(tmp / STATE_FILE, record)
     _fsync(tmp)
-    if final.exists() and not inspect(final).ok:  # kept for inspection, out of the way
+    if final.exists() and not verify_checkpoint(final).ok:  # kept for inspection, out of the way
         os.rename(final, final.with_name(f"{final.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
     if final.exists():  # the same step saved before (a stop on an epoch's last step, then its end)
         _replace(tmp, final)
@@ -130,7 +135,7 @@ def _still_good(path: Path) -> bool:
         return False
     if _seen_good.get(path) == signature:
         return True
-    good = inspect(path).ok
+    good = verify_checkpoint(path).ok
     if good:
         _seen_good[path] = signature
     return good
@@ -181,12 +186,55 @@ def save(accelerator, run_dir: Path, state: dict[str, Any], rank_state: dict[str
     return final
 
 
-@dataclass(frozen=True)
-class Checkpointer:
-    """Saves a run's checkpoints, and is the one place that decides when.
+def mean_rank_state(path: Path, written: int) -> dict[str, Any]:
+    """Running loss sums for a rank of a run with another number of processes.
 
-    At the end of every ``every_epochs`` epochs, every ``every_steps`` optimizer steps (0:
-    never), and at the end of training. Stops on a signal save through ``save`` too.
+    The logged loss is the mean over ranks of each rank's sum; giving every new rank the
+    mean of the old ranks' sums keeps that mean.
+    """
+    parts = [json.loads((path / f"rank-{r}.json").read_text()) for r in range(written)]
+    out = dict(parts[0])
+    for key in ("interval_loss", "epoch_loss"):
+        out[key] = sum(p[key] for p in parts) / written
+    return out
+
+
+def _load_rng_of(path: Path, rank: int) -> None:
+    """Take rank ``rank``'s saved CPU RNG states (for a rank the checkpoint had no state for).
+
+    Training draws nothing from these generators (shuffling and augmentation are seeded by
+    seed and epoch), so any rank's state serves; CUDA states are left as they are, since the
+    device count may differ.
+    """
+    import random
+
+    import numpy as np
+    import torch
+    from accelerate.utils import load
+
+    states = load(path / f"random_states_{rank}.pkl")
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from, verified and found compatible, with its trainer state
+    (``trainer_state.json``, read once)."""
+
+    path: Path
+    state: dict[str, Any]
+
+
+@dataclass
+class CheckpointManager:
+    """The one face of a run's checkpoints: which one to continue from (``resume_point``), when to
+    save (``due_after_step``, ``due_after_epoch``), saving (``save``) and loading (``load``).
+
+    Saves come at the end of every ``every_epochs`` epochs, every ``every_steps`` optimizer
+    steps (0: never), at the end of training, and on a stop signal. Choosing and verifying
+    are in ``resume.py`` and ``integrity.py``, writing in this module, behind this class.
     """
 
     accelerator: Any
@@ -194,10 +242,24 @@ class Checkpointer:
     every_steps: int
     every_epochs: int
     keep: int
+    cfg: Any = None  # the run's config: what a checkpoint must be compatible with
 
     @classmethod
-    def from_config(cls, cfg, accelerator, run_dir: Path) -> Checkpointer:
-        return cls(accelerator, Path(run_dir), cfg.checkpoint_every, cfg.checkpoint_every_epochs, cfg.keep_checkpoints)
+    def from_config(cls, cfg, accelerator, run_dir: Path) -> CheckpointManager:
+        every = (cfg.checkpoint_every, cfg.checkpoint_every_epochs, cfg.keep_checkpoints)
+        return cls(accelerator, Path(run_dir), *every, cfg=cfg)
+
+    def resume_point(self) -> ResumePoint | None:
+        """The checkpoint to continue from (None: a fresh start), chosen on the main process before
+        anything in the run directory is written, verified, and checked compatible with this run."""
+        path = resolve_on_main(self.accelerator, self.cfg, self.run_dir)
+        if path is None:
+            return None
+        state = read_state(path)
+        note = check_compatible(state, self.cfg, self.accelerator.num_processes, path)
+        if note:
+            log.info(note)
+        return ResumePoint(path, state)
 
     def due_after_step(self, step: int, epoch_done: bool, finished: bool) -> bool:
         """A save inside an epoch: every ``every_steps``, unless the epoch's (or the run's) end
@@ -215,3 +277,18 @@ class Checkpointer:
     def save(self, state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
         """Save now, on every rank (a collective); returns the checkpoint's path."""
         return save(self.accelerator, self.run_dir, state, rank_state, self.keep)
+
+    def load(self, point: ResumePoint) -> dict[str, Any]:
+        """Load model, optimizer and RNG states from ``point`` into the prepared objects, every byte
+        verified; return this rank's own state. Works on another number of processes than the
+        checkpoint's (ranks are mapped onto the saved ones)."""
+        verdict = verify_checkpoint(point.path)
+        if not verdict.ok:
+            raise CheckpointError(f"checkpoint {point.path} cannot be loaded: {verdict.problem}")
+        self.accelerator.load_state(str(point.path))
+        written, rank = point.state["world_size"], self.accelerator.process_index
+        if written == self.accelerator.num_processes:
+            return json.loads((point.path / f"rank-{rank}.json").read_text())
+        if rank >= written:
+            _load_rng_of(point.path, rank % written)
+        return mean_rank_state(point.path, written)

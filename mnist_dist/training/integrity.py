@@ -86,7 +86,7 @@ def _manifest_problem(dir_fd: int, manifest: dict[str, Any], fmt: int) -> str | 
     return None
 
 
-def inspect(path: Path) -> Verdict:
+def verify_checkpoint(path: Path) -> Verdict:
     """Check a checkpoint directory: state file readable and intact, every file present, intact.
 
     Files are read through one open handle on the directory, so a checkpoint replaced
@@ -124,7 +124,7 @@ def scan(run_dir: str | os.PathLike) -> list[Verdict]:
     A ``.replaced-step-N`` directory (left by a same-step replacement on a filesystem that
     cannot swap two directories atomically) stands in for ``step-N`` only when that is absent.
     """
-    return [inspect(path) for path in checkpoint_dirs(run_dir)]
+    return [verify_checkpoint(path) for path in checkpoint_dirs(run_dir)]
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -182,7 +182,7 @@ def verify_run(run_dir: Path) -> tuple[list[str], bool]:
     lines = [f"{v.path.relative_to(run_dir)}: {v.describe()}" for v in verdicts]
     ok = not verdicts or verdicts[-1].ok
     for aside in sorted(checkpoints_dir(run_dir).glob("step-*.damaged-*")):  # replaced by a good save since
-        lines.append(f"{aside.relative_to(run_dir)}: set aside: {inspect(aside).describe()}")
+        lines.append(f"{aside.relative_to(run_dir)}: set aside: {verify_checkpoint(aside).describe()}")
     if not verdicts:
         lines.append(f"{checkpoints_dir(run_dir).relative_to(run_dir)}: no checkpoints")
     weights = run_dir / WEIGHTS_FILE

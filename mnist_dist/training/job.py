@@ -21,26 +21,11 @@ from ..runlock import RunLock
 from ..tracking.tracker import Tracker, run_config
 from ..tracking.wandb_run import accelerator_log_with, trial_config
 from .build import build
-from .checkpoint import Checkpointer
+from .checkpoint import CheckpointManager
 from .preempt import StopFlags, requeue_slurm_job
-from .resume import check_compatible, resolve_on_main
 from .trainer import Trainer
 
 log = logging.getLogger("mnist_dist")
-
-
-def _resume_point(cfg: Config, accelerator, run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint to continue from and its trainer state (both None for a fresh start), checked."""
-    from .integrity import read_state
-
-    path = resolve_on_main(accelerator, cfg, run_dir)  # before anything in run_dir is written
-    if path is None:
-        return None, None
-    state = read_state(path)
-    note = check_compatible(state, cfg, accelerator.num_processes, path)
-    if note:
-        log.info(note)
-    return path, state
 
 
 def _write_results(accelerator, run_dir: Path, model, metrics: dict[str, Any]) -> None:
@@ -132,24 +117,17 @@ def _end(tracker: Tracker, accelerator, stopped: bool = False) -> None:
 def _train(cfg: Config, accelerator, run_dir: Path, watch) -> dict[str, Any]:
     """Resume or start, train, and write the results, on every rank."""
     _data_ready(cfg, accelerator)
-    resume_from, resumed = _resume_point(cfg, accelerator, run_dir)
+    checkpoints = CheckpointManager.from_config(cfg, accelerator, run_dir)
+    point = checkpoints.resume_point()  # before anything in run_dir is written
     if accelerator.is_main_process:
         save_config(cfg, run_dir / runs.CONFIG_FILE, of_run=True)
     tracker = Tracker(cfg, accelerator, run_dir)
-    tracker.start(run_config(cfg, accelerator), resumed, resume_from)
+    tracker.start(run_config(cfg, accelerator), *((point.state, point.path) if point else ()))
     stop = StopFlags()
     try:
-        trainer = Trainer(
-            cfg,
-            build(cfg, accelerator),
-            accelerator,
-            tracker,
-            Checkpointer.from_config(cfg, accelerator, run_dir),
-            stop,
-            watch,
-        )
-        if resume_from is not None:
-            trainer.restore(resume_from)
+        trainer = Trainer(cfg, build(cfg, accelerator), accelerator, tracker, checkpoints, stop, watch)
+        if point is not None:
+            trainer.restore(point)
         model, metrics, _ = trainer.fit()
     except Stopped as exc:
         accelerator.print(exc)

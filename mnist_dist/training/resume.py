@@ -1,4 +1,4 @@
-"""Which checkpoint a run continues from, whether it may, and loading it on any number of processes.
+"""Which checkpoint a run continues from, and whether it may (``checkpoint.CheckpointManager`` asks).
 
 ``auto`` takes the newest usable checkpoint of the run directory; ``PATH`` a given one,
 unless the run directory has a newer one of its own (a job never goes backwards); ``none``
@@ -9,48 +9,16 @@ never with a config that changes the training mathematics.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, per_process_batch_size
+from ..config import Config, free_on_resume, per_process_batch_size
 from ..errors import CheckpointError, ConfigError
 from ..runs import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpoints_dir
-from .integrity import complete_checkpoints, inspect, read_state, sort_checkpoints, step_of
+from .integrity import complete_checkpoints, read_state, sort_checkpoints, step_of, verify_checkpoint
 
 log = logging.getLogger("mnist_dist")
-
-# Config keys a resumed run may change: where files go, what is logged, how often to
-# checkpoint, how evaluation is batched. Every other key changes the training mathematics.
-FREE_TO_CHANGE = frozenset(
-    {
-        "data_dir",
-        "output_dir",
-        "resume",
-        "requeue",
-        "checkpoint_every",
-        "checkpoint_every_epochs",
-        "keep_checkpoints",
-        "log_every",
-        "profile_steps",
-        "collective_timeout",
-        "stall_timeout",
-        "rendezvous_timeout",
-        "eval_batch_size",
-        "check_finite",
-        "cpu",
-        "tracker",
-        "wandb_project",
-        "wandb_entity",
-        "wandb_run_name",
-        "wandb_tags",
-        "wandb_group",
-        "wandb_dir",
-    }
-)
-# With a constant learning rate the run's length does not change any step already taken.
-LENGTH_KEYS = frozenset({"epochs", "max_steps"})
 
 
 def _newest_of_run(run_dir: Path) -> Path | None:
@@ -69,9 +37,7 @@ def _newest_of_run(run_dir: Path) -> Path | None:
 
 def changed_keys(saved: dict[str, Any], cfg: Config) -> list[str]:
     """The keys of ``cfg`` that differ from a run's ``saved`` config and change its training mathematics."""
-    now, free = cfg.to_dict(), FREE_TO_CHANGE
-    if now["lr_schedule"] == "constant" and now["warmup_fraction"] == 0:
-        free = free | LENGTH_KEYS
+    now, free = cfg.to_dict(), free_on_resume(cfg)
     return [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in free and saved.get(k) != now[k]]
 
 
@@ -118,7 +84,7 @@ def _requested(resume: str) -> Path:
             f"--resume {path}: no such checkpoint directory; pass a checkpoint "
             f"(RUN_DIR/{CHECKPOINTS_DIR}/step-N), a run directory, 'auto' or 'none'"
         )
-    verdict = inspect(path)
+    verdict = verify_checkpoint(path)
     if not verdict.ok:
         raise CheckpointError(
             f"--resume {path}: this checkpoint cannot be used: {verdict.problem}; "
@@ -215,52 +181,3 @@ def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, path: 
             f"epochs ({cfg.epochs}) / max_steps ({cfg.max_steps})"
         )
     return note
-
-
-def _mean_rank_state(path: Path, written: int) -> dict[str, Any]:
-    """Running loss sums for a rank of a run with another number of processes.
-
-    The logged loss is the mean over ranks of each rank's sum; giving every new rank the
-    mean of the old ranks' sums keeps that mean.
-    """
-    parts = [json.loads((path / f"rank-{r}.json").read_text()) for r in range(written)]
-    out = dict(parts[0])
-    for key in ("interval_loss", "epoch_loss"):
-        out[key] = sum(p[key] for p in parts) / written
-    return out
-
-
-def _load_rng_of(path: Path, rank: int) -> None:
-    """Take rank ``rank``'s saved CPU RNG states (for a rank the checkpoint had no state for).
-
-    Training draws nothing from these generators (shuffling and augmentation are seeded by
-    seed and epoch), so any rank's state serves; CUDA states are left as they are, since the
-    device count may differ.
-    """
-    import random
-
-    import numpy as np
-    import torch
-    from accelerate.utils import load
-
-    states = load(path / f"random_states_{rank}.pkl")
-    random.setstate(states["random_state"])
-    np.random.set_state(states["numpy_random_seed"])
-    torch.set_rng_state(states["torch_manual_seed"])
-
-
-def load(accelerator, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load model, optimizer and RNG states from ``path`` into the prepared objects; return
-    ``(trainer state, this rank's state)``. Works on another number of processes than the
-    checkpoint's (ranks are mapped onto the saved ones)."""
-    verdict = inspect(path)
-    if not verdict.ok:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {verdict.problem}")
-    accelerator.load_state(str(path))
-    state = read_state(path)
-    written, rank = state["world_size"], accelerator.process_index
-    if written == accelerator.num_processes:
-        return state, json.loads((path / f"rank-{rank}.json").read_text())
-    if rank >= written:
-        _load_rng_of(path, rank % written)
-    return state, _mean_rank_state(path, written)

@@ -25,12 +25,11 @@ from ..distributed.watchdog import Unwatched
 from ..errors import Stopped
 from ..evaluation import EvalResult, evaluate, misclassified_examples
 from .build import Parts
-from .checkpoint import Checkpointer
+from .checkpoint import CheckpointManager, ResumePoint
 from .meters import LossMeter, Progress, Stopwatch
 from .preempt import StopFlags
 from .profiling import StepProfiler, log_to_wandb
 from .progress import ProgressDisplay
-from .resume import load
 from .step import check_gradients, step_calls
 from .timing import RankTiming, Stragglers
 
@@ -65,10 +64,10 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg, parts: Parts, accelerator, tracker, checkpointer: Checkpointer, stop: StopFlags, watch=None
+        self, cfg, parts: Parts, accelerator, tracker, checkpoints: CheckpointManager, stop: StopFlags, watch=None
     ) -> None:
         self.cfg, self.parts, self.accelerator = cfg, parts, accelerator
-        self.tracker, self.checkpointer, self.stop = tracker, checkpointer, stop
+        self.tracker, self.checkpoints, self.stop = tracker, checkpoints, stop
         self.watch = watch or Unwatched()  # told where this rank is: a stall names the rank holding the run up
         self.model, self.optimizer, self.recipe = parts.model, parts.optimizer, parts.recipe
         self.world = accelerator.num_processes
@@ -82,36 +81,42 @@ class Trainer:
         self.timing.time_gradient_allreduce(self.model, accelerator.device.type)
         self.stragglers = _stragglers(accelerator)
         window = parse_steps(cfg.profile_steps)
-        self.profiler = StepProfiler(checkpointer.run_dir, window, accelerator.process_index, accelerator.device.type)
+        self.profiler = StepProfiler(checkpoints.run_dir, window, accelerator.process_index, accelerator.device.type)
         self.eval_seconds = 0.0
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def restore(self, path) -> None:
-        """Continue from checkpoint ``path``: weights, optimizer, RNG states, position, loss sums."""
-        state, mine = load(self.accelerator, path)
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is, as a checkpoint records it (``trainer_state.json``, the same on every rank)."""
+        scheduler = self.recipe.scheduler
+        return {
+            "progress": asdict(self.progress),
+            "world_size": self.world,
+            "config": self.cfg.to_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "wandb_run_id": self.tracker.run_id,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        """Take up ``state`` (see ``state_dict``) and this rank's loss sums (``rank_state``)."""
         self.progress = Progress(**state["progress"])
         self.clock.progress = self.progress
         if self.recipe.scheduler is not None:
             self.recipe.scheduler.load_state_dict(state["scheduler"])
-        self.losses.load_state_dict(mine)
+        self.losses.load_state_dict(rank_state)
+
+    def restore(self, point: ResumePoint) -> None:
+        """Continue from a checkpoint: weights, optimizer, RNG states, position, loss sums."""
+        self.load_state_dict(point.state, self.checkpoints.load(point))
         p = self.progress
         where = f"{p.batch} batches into epoch {p.epoch + 1}" if p.batch else f"{p.epoch} epochs done"
-        log.info("resumed from %s: step %d, %s", path, p.step, where)
+        log.info("resumed from %s: step %d, %s", point.path, p.step, where)
 
     def save_checkpoint(self):
         """Save where training is now (a collective: every rank calls it at the same step)."""
-        scheduler = self.recipe.scheduler
         self._at("checkpoint")
         with self.clock.paused():  # the training time so far is counted in, the save's time is not
-            state = {
-                "progress": asdict(self.progress),
-                "world_size": self.world,
-                "config": self.cfg.to_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "wandb_run_id": self.tracker.run_id,
-            }
-            path = self.checkpointer.save(state, self.losses.state_dict())
+            path = self.checkpoints.save(self.state_dict(), self.losses.state_dict())
         log.debug("checkpoint %s saved (epoch %d, step %d)", path, self.progress.epoch, self.progress.step)
         return path
 
@@ -196,7 +201,7 @@ class Trainer:
             self.display.advance()
             if p.step % cfg.log_every == 0:
                 self._log_interval()
-            if self.checkpointer.due_after_step(p.step, p.batch >= len(loader), self._reached_max()):
+            if self.checkpoints.due_after_step(p.step, p.batch >= len(loader), self._reached_max()):
                 self.save_checkpoint()
             if self._reached_max():
                 break
@@ -211,9 +216,7 @@ class Trainer:
         start = time.perf_counter()
         model = self.recipe.inference_model(self.model, self.accelerator)
         self._at("evaluation")
-        result = evaluate(
-            model, self.parts.eval_loader, self.accelerator, progress=self.watch.mark
-        )
+        result = evaluate(model, self.parts.eval_loader, self.accelerator, progress=self.watch.mark)
         self.eval_seconds = time.perf_counter() - start
         return result
 
@@ -262,7 +265,7 @@ class Trainer:
             raise self._stop(signum)
         if signum is not None:
             log.info("%s at the last step: finishing the run normally", signal.Signals(signum).name)
-        if self.checkpointer.due_after_epoch(p.step, p.epoch, last):
+        if self.checkpoints.due_after_epoch(p.step, p.epoch, last):
             self.save_checkpoint()
         return result
 
@@ -304,7 +307,7 @@ class Trainer:
         """The profiler traces of every rank (written by now) to the wandb run, once."""
         if self.cfg.profile_steps:
             self.accelerator.wait_for_everyone()
-            log_to_wandb(self.tracker.wandb_run(), self.checkpointer.run_dir)
+            log_to_wandb(self.tracker.wandb_run(), self.checkpoints.run_dir)
 
     def fit(self) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
         """Train and evaluate after every epoch; return the model to save, the metrics, the last evaluation."""

@@ -13,8 +13,8 @@ from mnist_dist.config import Config
 from mnist_dist.errors import CheckpointError
 from mnist_dist.runs import checkpoints_dir
 from mnist_dist.training import checkpoint
-from mnist_dist.training.checkpoint import Checkpointer
-from mnist_dist.training.integrity import complete_checkpoints, inspect
+from mnist_dist.training.checkpoint import CheckpointManager
+from mnist_dist.training.integrity import complete_checkpoints, verify_checkpoint
 from mnist_dist.training.resume import resolve
 
 from conftest import REPO
@@ -47,7 +47,7 @@ def test_a_damaged_checkpoint_of_the_same_step_is_set_aside_not_deleted(saver, t
     saver(tmp_path, 10)
     names = sorted(p.name for p in checkpoints_dir(tmp_path).iterdir())
     assert names[0] == "step-00000010" and names[1].startswith("step-00000010.damaged-") and len(names) == 2
-    assert inspect(path).ok
+    assert verify_checkpoint(path).ok
 
 
 WATCHER = textwrap.dedent("""
@@ -137,7 +137,7 @@ def test_a_save_killed_half_way_is_never_loaded(tmp_path, crash):
 
 
 def test_one_policy_decides_when_to_save():
-    every_100 = Checkpointer(None, None, every_steps=100, every_epochs=0, keep=2)
+    every_100 = CheckpointManager(None, None, every_steps=100, every_epochs=0, keep=2)
     assert every_100.due_after_step(200, epoch_done=False, finished=False)
     assert not every_100.due_after_step(250, epoch_done=False, finished=False)
     # The epoch's (or the run's) end comes with this step: that save is made then, not twice.
@@ -146,10 +146,10 @@ def test_one_policy_decides_when_to_save():
     assert every_100.due_after_epoch(300, epoch=1, finished=False)
     assert not every_100.due_after_epoch(938, epoch=1, finished=False)
     assert every_100.due_after_epoch(938, epoch=1, finished=True)  # the end of training always saves
-    each_epoch = Checkpointer(None, None, every_steps=0, every_epochs=1, keep=2)
+    each_epoch = CheckpointManager(None, None, every_steps=0, every_epochs=1, keep=2)
     assert not each_epoch.due_after_step(100, epoch_done=False, finished=False)
     assert each_epoch.due_after_epoch(938, epoch=1, finished=False)
-    every_3rd = Checkpointer(None, None, every_steps=0, every_epochs=3, keep=2)
+    every_3rd = CheckpointManager(None, None, every_steps=0, every_epochs=3, keep=2)
     assert [e for e in range(1, 10) if every_3rd.due_after_epoch(938 * e, epoch=e, finished=False)] == [3, 6, 9]
 
 

@@ -10,7 +10,7 @@ import pytest
 from mnist_dist.config import Config
 from mnist_dist.errors import CheckpointError
 from mnist_dist.runs import STATE_FILE, sha256_file
-from mnist_dist.training.integrity import complete_checkpoints, inspect, read_state, state_digest, verify_run
+from mnist_dist.training.integrity import complete_checkpoints, read_state, state_digest, verify_checkpoint, verify_run
 from mnist_dist.training.resume import resolve
 
 from saving import FILE_KINDS, flip_byte
@@ -23,14 +23,14 @@ def test_a_saved_checkpoint_records_a_checksum_of_every_file(saver, tmp_path):
     for name, entry in state["files"].items():
         assert entry == {"size": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
     assert state["sha256"] == state_digest(state)
-    assert inspect(path).describe() == "good (SHA-256 verified)"
+    assert verify_checkpoint(path).describe() == "good (SHA-256 verified)"
 
 
 @pytest.mark.parametrize("name", FILE_KINDS)
 def test_a_flipped_byte_in_any_file_is_caught_and_named(saver, tmp_path, caplog, name):
     older, newest = saver(tmp_path, 10), saver(tmp_path, 20)
     flip_byte(newest / name)
-    verdict = inspect(newest)
+    verdict = verify_checkpoint(newest)
     assert not verdict.ok and name in verdict.problem, verdict
     print(f"{name}: {verdict.problem}")
     # --resume auto: one warning naming the file, and the previous checkpoint is used.
@@ -50,7 +50,7 @@ def test_a_changed_number_in_the_trainer_state_is_caught(saver, tmp_path):
     state_file = path / STATE_FILE
     text = state_file.read_text()
     state_file.write_text(text.replace('"step": 1234', '"step": 1235'))  # still valid JSON
-    assert "trainer_state.json does not match its checksum" in inspect(path).problem
+    assert "trainer_state.json does not match its checksum" in verify_checkpoint(path).problem
 
 
 def test_a_checkpoint_cut_short_is_skipped(saver, tmp_path, caplog):
@@ -67,7 +67,7 @@ def test_checkpoints_from_before_checksums_still_load_with_a_note(saver, tmp_pat
     state.pop("sha256")
     old = {**state, "format": 1, "files": {n: e["size"] for n, e in state["files"].items()}}
     (path / STATE_FILE).write_text(json.dumps(old))  # what the previous version wrote
-    verdict = inspect(path)
+    verdict = verify_checkpoint(path)
     assert verdict.ok and verdict.size_only and "checked by size only" in verdict.describe()
     with caplog.at_level(logging.INFO, logger="mnist_dist"):
         assert resolve(Config(output_dir=str(tmp_path)), tmp_path) == path

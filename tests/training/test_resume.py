@@ -21,8 +21,9 @@ import torch
 from mnist_dist.config import Config
 from mnist_dist.errors import CheckpointError
 from mnist_dist.runs import checkpoints_dir
+from mnist_dist.training.checkpoint import mean_rank_state
 from mnist_dist.training.integrity import complete_checkpoints, read_state
-from mnist_dist.training.resume import _mean_rank_state, check_compatible, resolve
+from mnist_dist.training.resume import check_compatible, resolve
 
 from conftest import (
     REPO,
@@ -410,7 +411,7 @@ def test_rank_state_of_another_world_size_keeps_the_mean(tmp_path):
         (tmp_path / f"rank-{rank}.json").write_text(
             json.dumps({"interval_loss": loss, "interval_steps": 4, "epoch_loss": 10 * loss, "epoch_steps": 9})
         )
-    mean = _mean_rank_state(tmp_path, 3)
+    mean = mean_rank_state(tmp_path, 3)
     assert mean == {"interval_loss": 3.0, "interval_steps": 4, "epoch_loss": 30.0, "epoch_steps": 9}
 
 

@@ -230,7 +230,7 @@ def make_trainer(tmp_path, mnist_test):
     from mnist_dist.distributed.runtime import build_accelerator
     from mnist_dist.tracking.tracker import Tracker
     from mnist_dist.training.build import assemble
-    from mnist_dist.training.checkpoint import Checkpointer
+    from mnist_dist.training.checkpoint import CheckpointManager
     from mnist_dist.training.preempt import StopFlags
     from mnist_dist.training.trainer import Trainer
 
@@ -250,7 +250,7 @@ def make_trainer(tmp_path, mnist_test):
         tracker.start(cfg.to_dict())
         stop = StopFlags()
         made.append((stop, tracker))
-        return Trainer(cfg, parts, accelerator, tracker, Checkpointer.from_config(cfg, accelerator, run), stop)
+        return Trainer(cfg, parts, accelerator, tracker, CheckpointManager.from_config(cfg, accelerator, run), stop)
 
     yield make
     for stop, tracker in made:
@@ -293,11 +293,13 @@ def test_a_save_and_a_load_continue_exactly(make_trainer):
     straight.fit()
     final = _weights(straight)
 
-    first = make_trainer(epochs=2, max_steps=5, output_dir=str(straight.checkpointer.run_dir.parent / "split"))
+    first = make_trainer(epochs=2, max_steps=5, output_dir=str(straight.checkpoints.run_dir.parent / "split"))
     first.fit()
     saved = first.save_checkpoint()
     second = make_trainer(epochs=2, max_steps=12, output_dir=str(saved.parents[1]))
-    second.restore(saved)
+    point = second.checkpoints.resume_point()  # resume auto: the newest of the run directory
+    assert point.path == saved and point.state["progress"]["step"] == 5 and point.state["wandb_run_id"] is None
+    second.restore(point)
     assert (second.progress.step, second.progress.batch) == (5, 5)
     second.fit()
     for key, value in _weights(second).items():
@@ -315,7 +317,7 @@ def test_a_stop_vote_saves_a_checkpoint_and_raises_stopped(make_trainer):
         trainer.fit()
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert trainer.progress.step == 4  # the first log interval (log_every 4)
-    assert (trainer.checkpointer.run_dir / "checkpoints/step-00000004").is_dir()
+    assert (trainer.checkpoints.run_dir / "checkpoints/step-00000004").is_dir()
 
 
 def test_step_calls_skip_accelerates_wrappers_only_when_they_add_nothing(make_trainer):
