@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 # Bounds on values that would pass a type check but fail later, after the processes have
 # met: numpy's seed is 32-bit; torch's process-group timeouts overflow far beyond a week;
@@ -498,7 +498,7 @@ def _parse_yaml(path: Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     except RecursionError:
         raise ConfigError(f"config file {path} is nested too deeply to be a config") from None

@@ -101,3 +101,8 @@ class Stopped(Exception):
             f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint} saved. "
             "Run the same command again to resume (resume: auto)"
         )
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (torch's carry C++ frames below it), or its type."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -45,3 +45,8 @@ def test_a_config_error_is_a_usage_error_and_every_other_user_error_exits_1():
     """Exit status 2 for what the command line or the config file got wrong (as for a bad option), 1 otherwise."""
     assert errors.ConfigError("x").exit_code == 2
     assert errors.UserError("x").exit_code == errors.DataError("x").exit_code == errors.RunDirError("x").exit_code == 1
+
+
+def test_the_first_line_of_an_error_or_its_type():
+    assert errors.first_line(RuntimeError("connection refused\n  frame 1\n  frame 2")) == "connection refused"
+    assert errors.first_line(TimeoutError()) == "TimeoutError"

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from ..errors import RendezvousError
-from .waiting import Signalled, call_before, first_line, stderr_to_debug_log, stop_on_signals, time_left, where_written
+from ..errors import RendezvousError, first_line
+from .waiting import Signalled, call_before, stderr_to_debug_log, stop_on_signals, time_left, where_written
 
 PREFLIGHT = "preflight: mnist-dist doctor, launched the same way (or sbatch launch/doctor.sbatch)"
 ADDRESS_HINT = "MAIN_ADDR / --main_process_ip / MASTER_ADDR"

@@ -74,3 +74,18 @@ def build_accelerator(cfg: Config, log_with: str | None = None):
 def end_process_group(accelerator) -> None:
     """End the job's process group (every rank, last): no rank exits with a collective in flight."""
     accelerator.state.destroy_process_group()
+
+
+def versions() -> dict[str, str]:
+    """Python and the packages a run depends on ("not installed" when missing): in a run's config
+    (the tracker's) and checked to agree on every rank (the preflight's)."""
+    import importlib.metadata
+    import platform
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "accelerate", "wandb", "mnist-dist"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out

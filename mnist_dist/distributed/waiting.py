@@ -20,11 +20,6 @@ def time_left(deadline: float, at_least: float) -> float:
     return max(at_least, deadline - time.monotonic())
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message (torch's carry C++ frames below it), or its type."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def call_before(deadline: float, make):
     """``make()`` in a thread, waited for until ``deadline`` (torch's store client retries past its timeout)."""
     result: dict[str, Any] = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import platform
 import shutil
 import subprocess
 import uuid
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed.rendezvous import node_name
+from ..distributed.runtime import versions
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_FREE_BYTES = 64 * 2**20  # checkpoints of this model are a few MB; leave room for logs and wandb
@@ -35,17 +35,6 @@ class Check:
 
 
 # -- facts of one process ----------------------------------------------------------------------
-
-
-def versions() -> dict[str, str]:
-    """Python and the packages a run depends on ("not installed" when missing)."""
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "accelerate", "wandb", "mnist-dist"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def devices(cpu: bool) -> dict[str, Any]:

@@ -17,11 +17,9 @@ At the end the run directory's final files become the run's model artifact (``ar
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import threading
 import time
 from pathlib import Path
@@ -29,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..distributed.runtime import versions
+from ..errors import first_line
 from ..runs import HISTORY_FILE, MISCLASSIFIED_FILE, atomic_write_bytes
 from .history import one_timeline, read_history, rewind
 from .wandb_run import (
@@ -47,23 +47,13 @@ log = logging.getLogger("mnist_dist")
 START_MARGIN = 30.0
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
-
-
 def run_config(cfg, accelerator) -> dict[str, Any]:
     """The merged config plus what the run ran on: world size, device, library versions."""
-    versions = {"python": platform.python_version()}
-    for dist in ("mnist-dist", "torch", "accelerate", "wandb"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return {
         **cfg.to_dict(),
         "world_size": accelerator.num_processes,
         "device": accelerator.device.type,
-        "versions": versions,
+        "versions": versions(),
     }
 
 
@@ -126,7 +116,7 @@ class Tracker:
             log.warning("tracker 'wandb': the wandb package is not installed; continuing with tracker 'none'")
             return
         # wandb's import and start (about a second, most of it waiting for its service
-        # process) overlap the data loading and model set-up; ``started()`` waits for them.
+        # process) overlap the data loading and model set-up; ``wait_started()`` waits for them.
         self._starting = threading.Thread(target=self._start_wandb, args=(config,), name="wandb-start", daemon=True)
         self._starting.start()
 
@@ -154,7 +144,7 @@ class Tracker:
                 "what it got past that step and ignores the repeated steps until they pass it",
                 self.wandb_id,
                 self._last_step,
-                _first_line(failure),
+                first_line(failure),
             )
             init_kwargs = {k: v for k, v in init_kwargs.items() if k != "resume_from"}
             init_kwargs.update(id=self.wandb_id, resume="allow")
@@ -179,7 +169,7 @@ class Tracker:
         log.warning(
             "wandb could not start online (%s: %s); logging run %s offline instead; upload later with: wandb sync %s",
             type(failure).__name__,
-            _first_line(failure),
+            first_line(failure),
             self.wandb_id,
             record,
         )
@@ -188,7 +178,7 @@ class Tracker:
         self._drop_wandb()  # a tracker left by a failed attempt would be started again with it
         self.accelerator.init_trackers(self.cfg.wandb_project, config=config, init_kwargs={"wandb": init_kwargs})
 
-    def started(self) -> None:
+    def wait_started(self) -> None:
         """Wait until wandb has started (or failed to: one warning), at most its init timeout plus
         START_MARGIN. Every use of wandb calls this first; the training loop calls it before its first step."""
         if self._starting is None:
@@ -213,7 +203,7 @@ class Tracker:
 
     def wandb_run(self):
         """The live wandb run (main process, tracker wandb, started), else None: to attach files to it."""
-        self.started()
+        self.wait_started()
         return self.accelerator.get_tracker("wandb", unwrap=True) if self.is_main and self.wandb_on else None
 
     @property
@@ -235,7 +225,7 @@ class Tracker:
         directory and wandb."""
         if not self.is_main:
             return
-        self.started()
+        self.wait_started()
         import safetensors.torch
 
         self._write({"kind": "summary", "step": self._last_step, **summary, "confusion_matrix": confusion.tolist()})
@@ -271,7 +261,7 @@ class Tracker:
         """Close the history and the trackers (wandb waits at most FINISH_TIMEOUT to upload). Every rank
         calls this last. ``stopped``: the run stopped with a checkpoint to resume from; a sweep trial's
         wandb run is then marked preempting, so that the sweep hands it to an agent again, which resumes it."""
-        self.started()
+        self.wait_started()
         if stopped:
             self._mark_preempting()
         if self._history is not None:
@@ -298,7 +288,7 @@ class Tracker:
         step = max(step, self._last_step)  # wandb drops a step lower than the last one
         self._last_step = step
         self._write({"kind": kind, "step": step, **metrics, **(history_only or {})})
-        self.started()
+        self.wait_started()
         if self.wandb_on:
             try:
                 self.accelerator.log(metrics, step=step)
@@ -315,7 +305,7 @@ class Tracker:
             "wandb failed to %s (%s: %s); training goes on, the history is in %s",
             what,
             type(exc).__name__,
-            _first_line(exc),
+            first_line(exc),
             self.run_dir / HISTORY_FILE,
         )
         self.wandb_on = False

@@ -20,7 +20,7 @@ from .schedule import total_steps
 
 
 @dataclass
-class Parts:
+class TrainingParts:
     """What the trainer is handed, already built and prepared."""
 
     model: torch.nn.Module  # prepared by Accelerate (wrapped for N processes)
@@ -48,12 +48,12 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, world_size: int) -> tor
     )
 
 
-def build(cfg: Config, accelerator) -> Parts:
+def build(cfg: Config, accelerator) -> TrainingParts:
     """Load the data onto the device, make the model and optimizer, prepare them, shard the loaders."""
     return assemble(cfg, accelerator, *hold_out(*load_datasets(cfg, accelerator), cfg.val_size))
 
 
-def assemble(cfg: Config, accelerator, train_set: TensorImages, eval_set: TensorImages, split: str) -> Parts:
+def assemble(cfg: Config, accelerator, train_set: TensorImages, eval_set: TensorImages, split: str) -> TrainingParts:
     """The parts of a run over datasets already on the device (``split``: what ``eval_set`` is)."""
     from accelerate.utils import set_seed
 
@@ -68,7 +68,7 @@ def assemble(cfg: Config, accelerator, train_set: TensorImages, eval_set: Tensor
     train_loader = make_loader(train_set, per_process, shuffle=cfg.shuffle, **shard)
     eval_loader = make_loader(eval_set, cfg.eval_batch_size, shuffle=False, **shard)
     steps = total_steps(cfg.epochs, len(train_loader), cfg.max_steps)  # the same on every rank
-    return Parts(
+    return TrainingParts(
         model=prepared_model,
         optimizer=optimizer,
         train_loader=train_loader,

@@ -14,9 +14,8 @@ from typing import Any
 from .. import runs
 from ..config import Config, per_process_batch_size, save_config
 from ..distributed.runtime import build_accelerator, end_process_group, setup_logging, world_size_from_env
-from ..distributed.waiting import first_line
 from ..distributed.watchdog import watchdog_for
-from ..errors import DataError, PeerLostError, RunDirBusyError, Stopped, UserError
+from ..errors import DataError, PeerLostError, RunDirBusyError, Stopped, UserError, first_line
 from ..runlock import RunLock
 from ..tracking.tracker import Tracker, run_config
 from ..tracking.wandb_run import accelerator_log_with, trial_config

@@ -13,7 +13,7 @@ import torch
 
 
 @dataclass
-class Progress:
+class Position:
     """Where training is: optimizer steps and epochs done, batches done in the current
     epoch, time spent in training steps."""
 
@@ -72,18 +72,18 @@ class LossMeter:
 
 
 class Stopwatch:
-    """Time spent training (``progress.train_seconds``): running during an epoch's steps, not
+    """Time spent training (``position.train_seconds``): running during an epoch's steps, not
     while a checkpoint is written or the model evaluated."""
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress, self._since = progress, None
+    def __init__(self, position: Position) -> None:
+        self.position, self._since = position, None
 
     def start(self) -> None:
         self._since = time.perf_counter()
 
     def stop(self) -> None:
         if self._since is not None:
-            self.progress.train_seconds += time.perf_counter() - self._since
+            self.position.train_seconds += time.perf_counter() - self._since
             self._since = None
 
     @contextmanager

@@ -14,7 +14,9 @@ import math
 
 import torch
 
-SCHEDULES = ("constant", "cosine", "linear")
+from ..config import FIELDS
+
+SCHEDULES = FIELDS["lr_schedule"].metadata["choices"]  # what the config offers
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0) -> float:

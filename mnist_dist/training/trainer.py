@@ -24,9 +24,9 @@ from ..data.loaders import shard_sampler, to_inputs
 from ..distributed.watchdog import Unwatched
 from ..errors import Stopped
 from ..evaluation import EvalResult, evaluate, misclassified_examples
-from .build import Parts
+from .build import TrainingParts
 from .checkpoint import CheckpointManager, ResumePoint
-from .meters import LossMeter, Progress, Stopwatch
+from .meters import LossMeter, Position, Stopwatch
 from .preempt import StopFlags
 from .profiling import StepProfiler, log_to_wandb
 from .progress import ProgressDisplay
@@ -64,16 +64,23 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg, parts: Parts, accelerator, tracker, checkpoints: CheckpointManager, stop: StopFlags, watch=None
+        self,
+        cfg,
+        parts: TrainingParts,
+        accelerator,
+        tracker,
+        checkpoints: CheckpointManager,
+        stop: StopFlags,
+        watch=None,
     ) -> None:
         self.cfg, self.parts, self.accelerator = cfg, parts, accelerator
         self.tracker, self.checkpoints, self.stop = tracker, checkpoints, stop
         self.watch = watch or Unwatched()  # told where this rank is: a stall names the rank holding the run up
         self.model, self.optimizer, self.recipe = parts.model, parts.optimizer, parts.recipe
         self.world = accelerator.num_processes
-        self.progress = Progress()
+        self.position = Position()
         self.losses = LossMeter(accelerator.device)
-        self.clock = Stopwatch(self.progress)
+        self.clock = Stopwatch(self.position)
         self.display = ProgressDisplay(accelerator.is_main_process, parts.global_batch)
         self._calls = step_calls(self.optimizer, accelerator)
         self._params = list(self.model.parameters())  # every one gets a gradient
@@ -90,7 +97,7 @@ class Trainer:
         """Where training is, as a checkpoint records it (``trainer_state.json``, the same on every rank)."""
         scheduler = self.recipe.scheduler
         return {
-            "progress": asdict(self.progress),
+            "progress": asdict(self.position),
             "world_size": self.world,
             "config": self.cfg.to_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
@@ -99,8 +106,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         """Take up ``state`` (see ``state_dict``) and this rank's loss sums (``rank_state``)."""
-        self.progress = Progress(**state["progress"])
-        self.clock.progress = self.progress
+        self.position = Position(**state["progress"])
+        self.clock.position = self.position
         if self.recipe.scheduler is not None:
             self.recipe.scheduler.load_state_dict(state["scheduler"])
         self.losses.load_state_dict(rank_state)
@@ -108,7 +115,7 @@ class Trainer:
     def restore(self, point: ResumePoint) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG states, position, loss sums."""
         self.load_state_dict(point.state, self.checkpoints.load(point))
-        p = self.progress
+        p = self.position
         where = f"{p.batch} batches into epoch {p.epoch + 1}" if p.batch else f"{p.epoch} epochs done"
         log.info("resumed from %s: step %d, %s", point.path, p.step, where)
 
@@ -117,13 +124,13 @@ class Trainer:
         self._at("checkpoint")
         with self.clock.paused():  # the training time so far is counted in, the save's time is not
             path = self.checkpoints.save(self.state_dict(), self.losses.state_dict())
-        log.debug("checkpoint %s saved (epoch %d, step %d)", path, self.progress.epoch, self.progress.step)
+        log.debug("checkpoint %s saved (epoch %d, step %d)", path, self.position.epoch, self.position.step)
         return path
 
     def _stop(self, signum: int) -> Stopped:
         self.clock.stop()
         self.display.end_epoch()
-        return Stopped(signum, self.progress.step, self.save_checkpoint())
+        return Stopped(signum, self.position.step, self.save_checkpoint())
 
     # -- one step, one epoch, the run -----------------------------------------------------
 
@@ -134,7 +141,7 @@ class Trainer:
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
         zero_grad()
         backward(loss)
-        check_gradients(self._params, self.cfg, self.progress.step, self.progress.epoch)
+        check_gradients(self._params, self.cfg, self.position.step, self.position.epoch)
         step()
         self.recipe.after_step()
         return loss
@@ -144,7 +151,9 @@ class Trainer:
         self.watch.mark(phase, step)
         self.timing.enter(phase)
 
-    def _share(self, value: torch.Tensor, extra: list[float] = ()) -> tuple[float, int | None, list[float]]:
+    def _reduce_loss_and_vote(
+        self, value: torch.Tensor, extra: list[float] = ()
+    ) -> tuple[float, int | None, list[float]]:
         """``value`` averaged over ranks, the signal (if any) all ranks stop for, and ``extra`` summed
         over ranks: one all-reduce."""
         self._at("collective")
@@ -156,8 +165,8 @@ class Trainer:
     def _log_interval(self) -> None:
         """The interval's loss and every rank's timing, shared with the stop vote; raises ``Stopped`` if
         the ranks agreed to stop."""
-        p = self.progress
-        mean, signum, split = self._share(self.losses.interval_mean(), self.timing.take())
+        p = self.position
+        mean, signum, split = self._reduce_loss_and_vote(self.losses.interval_mean(), self.timing.take())
         rate = self.display.interval(p.step, mean, self.losses.interval_steps)
         metrics = {"train/loss": mean, "lr": self.optimizer.param_groups[0]["lr"], "train/samples_per_second": rate}
         per_rank = {}
@@ -171,16 +180,16 @@ class Trainer:
             raise self._stop(signum)
 
     def _reached_max(self) -> bool:
-        return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
+        return self.cfg.max_steps is not None and self.position.step >= self.cfg.max_steps
 
     def _finished(self) -> bool:
         """All epochs done, or ``max_steps`` reached."""
-        return self.progress.epoch >= self.cfg.epochs or self._reached_max()
+        return self.position.epoch >= self.cfg.epochs or self._reached_max()
 
     def _train_epoch(self) -> tuple[float, int | None]:
         """Train the rest of the current epoch (or up to ``max_steps``); return its mean loss
         over all ranks and the signal, if any, that all ranks agreed to stop for at its end."""
-        cfg, p, loader = self.cfg, self.progress, self.parts.train_loader
+        cfg, p, loader = self.cfg, self.position, self.parts.train_loader
         self.model.train()
         shard_sampler(loader).set_epoch(p.epoch)
         loader.batch_sampler.skip_next(p.batch)  # resumed mid-epoch: the batches not yet seen
@@ -210,7 +219,7 @@ class Trainer:
         self.display.end_epoch()
         # A step limit inside the epoch leaves it open: a larger limit later continues it exactly.
         finished_epoch = p.batch >= len(loader)
-        return self._share(self.losses.end_epoch() if finished_epoch else self.losses.epoch_mean())[:2]
+        return self._reduce_loss_and_vote(self.losses.end_epoch() if finished_epoch else self.losses.epoch_mean())[:2]
 
     def _evaluate(self) -> EvalResult:
         start = time.perf_counter()
@@ -222,7 +231,7 @@ class Trainer:
 
     def _report_epoch(self, train_loss: float, result: EvalResult, seconds: float) -> None:
         """One log line and one tracker record for the epoch (or the part of it) just trained."""
-        p, split, batches = self.progress, self.parts.split, len(self.parts.train_loader)
+        p, split, batches = self.position, self.parts.split, len(self.parts.train_loader)
         where = (
             f"{p.epoch + 1}/{self.cfg.epochs} ({p.batch} of {batches} batches)"
             if p.batch
@@ -252,7 +261,7 @@ class Trainer:
 
     def _epoch(self) -> EvalResult:
         """One epoch (or its part up to the step limit): train, evaluate, log; then stop, or save, as due."""
-        p = self.progress
+        p = self.position
         epoch_start = time.perf_counter()
         train_loss, signum = self._train_epoch()
         if p.batch >= len(self.parts.train_loader):
@@ -272,7 +281,7 @@ class Trainer:
     def _announce(self) -> None:
         cfg, parts = self.cfg, self.parts
         if self._finished():
-            log.info("training ended at this checkpoint (step %d): evaluating it", self.progress.step)
+            log.info("training ended at this checkpoint (step %d): evaluating it", self.position.step)
             return
         length = f"{cfg.epochs} epochs" if cfg.max_steps is None else f"{cfg.epochs} epochs or {cfg.max_steps} steps"
         log.info(
@@ -288,7 +297,7 @@ class Trainer:
 
     def metrics(self, result: EvalResult) -> dict[str, Any]:
         """What ``metrics.json`` records: the last evaluation, and how the run was trained."""
-        split, p = self.parts.split, self.progress
+        split, p = self.parts.split, self.position
         return {
             **{key.replace("test_", f"{split}_", 1): value for key, value in result.metrics().items()},
             "eval_split": split,
@@ -312,7 +321,7 @@ class Trainer:
     def fit(self) -> tuple[torch.nn.Module, dict[str, Any], EvalResult]:
         """Train and evaluate after every epoch; return the model to save, the metrics, the last evaluation."""
         self._announce()
-        self.tracker.started()  # not during the training steps: wandb's start would compete for the CPU
+        self.tracker.wait_started()  # not during the training steps: wandb's start would compete for the CPU
         result = None
         self.watch.start()
         try:

@@ -12,7 +12,6 @@ import pytest
 from mnist_dist.distributed.waiting import (
     Signalled,
     call_before,
-    first_line,
     stderr_to_debug_log,
     stop_on_signals,
     time_left,
@@ -37,8 +36,7 @@ def test_a_call_within_the_deadline_returns_or_raises_its_own():
 
     with pytest.raises(RuntimeError) as info:
         call_before(time.monotonic() + 5, broken)
-    assert first_line(info.value) == "connection refused"
-    assert first_line(TimeoutError()) == "TimeoutError"
+    assert str(info.value).startswith("connection refused")
 
 
 def test_time_left_never_goes_below_its_floor():

@@ -241,7 +241,7 @@ def test_a_wandb_failure_mid_run_is_one_warning(tmp_path, monkeypatch, caplog):
     accelerator = Accelerator(cpu=True, log_with="wandb")
     tracker = Tracker(cfg, accelerator, tmp_path)
     tracker.start({"lr": 0.5})
-    tracker.started()  # wandb starts in the background
+    tracker.wait_started()  # wandb starts in the background
     assert tracker.wandb_on
     run = accelerator.get_tracker("wandb", unwrap=True)
 
@@ -295,7 +295,7 @@ def test_a_wandb_start_that_never_returns_is_given_up_in_bounded_time(tmp_path, 
     tracker.start({"lr": 0.5})
     start = time.monotonic()
     with caplog.at_level("WARNING", logger="mnist_dist"):
-        tracker.started()
+        tracker.wait_started()
     assert 2 <= time.monotonic() - start < 6
     assert not tracker.wandb_on
     assert [r.getMessage() for r in caplog.records] == [

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from mnist_dist.training.meters import LossMeter, Progress, Stopwatch
+from mnist_dist.training.meters import LossMeter, Position, Stopwatch
 
 
 def test_the_loss_meter_sums_intervals_into_epochs():
@@ -28,8 +28,8 @@ def test_the_loss_meter_sums_intervals_into_epochs():
 def test_the_stopwatch_counts_training_and_not_its_pauses(monkeypatch):
     now = [100.0]  # a clock that moves only when told: the test does not depend on the machine's load
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
-    progress = Progress(train_seconds=1.0)
-    clock = Stopwatch(progress)
+    position = Position(train_seconds=1.0)
+    clock = Stopwatch(position)
     clock.start()
     now[0] += 0.05
     with clock.paused():  # a checkpoint being written
@@ -38,4 +38,4 @@ def test_the_stopwatch_counts_training_and_not_its_pauses(monkeypatch):
     clock.stop()
     now[0] += 3.0
     clock.stop()  # stopping twice counts nothing more
-    assert progress.train_seconds == pytest.approx(1.1)
+    assert position.train_seconds == pytest.approx(1.1)

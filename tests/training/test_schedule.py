@@ -3,12 +3,7 @@ import math
 import pytest
 import torch
 
-from mnist_dist.config import FIELDS
 from mnist_dist.training.schedule import SCHEDULES, build_scheduler, lr_factor, total_steps
-
-
-def test_config_offers_exactly_the_schedules():
-    assert FIELDS["lr_schedule"].metadata["choices"] == SCHEDULES
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

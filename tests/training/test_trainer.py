@@ -284,7 +284,7 @@ def test_an_epoch_evaluates_and_reports_exactly(make_trainer):
     model, metrics, result = trainer.fit()
     assert (metrics["steps"], metrics["epochs"], metrics["test_total"]) == (8, 1.0, 128)  # 256 / 32 steps
     assert metrics["test_correct"] == int(result.confusion.trace()) and 0 < metrics["test_correct"] <= 128
-    assert trainer.progress.step == 8 and trainer.progress.batch == 0 and trainer.progress.epoch == 1
+    assert trainer.position.step == 8 and trainer.position.batch == 0 and trainer.position.epoch == 1
     assert model is not None and metrics["test_accuracy"] == metrics["test_correct"] / 128
 
 
@@ -300,7 +300,7 @@ def test_a_save_and_a_load_continue_exactly(make_trainer):
     point = second.checkpoints.resume_point()  # resume auto: the newest of the run directory
     assert point.path == saved and point.state["progress"]["step"] == 5 and point.state["wandb_run_id"] is None
     second.restore(point)
-    assert (second.progress.step, second.progress.batch) == (5, 5)
+    assert (second.position.step, second.position.batch) == (5, 5)
     second.fit()
     for key, value in _weights(second).items():
         assert torch.equal(value, final[key]), key
@@ -316,7 +316,7 @@ def test_a_stop_vote_saves_a_checkpoint_and_raises_stopped(make_trainer):
     with pytest.raises(Stopped) as stopped:
         trainer.fit()
     assert stopped.value.exit_code == 128 + signal.SIGTERM
-    assert trainer.progress.step == 4  # the first log interval (log_every 4)
+    assert trainer.position.step == 4  # the first log interval (log_every 4)
     assert (trainer.checkpoints.run_dir / "checkpoints/step-00000004").is_dir()
 
 
