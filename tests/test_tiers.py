@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import pytest
@@ -59,4 +60,6 @@ def test_the_watch_sees_every_way_a_process_starts_and_lets_it_start():
     assert os.fork is fork  # put back
     with tiers.ProcessWatch() as idle:
         _thread_only()
+        sys.modules.pop("probing_at_import", None)
+        importlib.import_module("probing_at_import")  # a library that runs a command when imported
     assert idle.started == []

@@ -112,13 +112,25 @@ def starts_processes(item, scan: ProcessScan) -> bool:
     return any(f is not None and _ours(f) and scan.reaches(f) for f in funcs)
 
 
+def _importing() -> bool:
+    """Whether this call comes from a module being imported: a library's one-time probe at import
+    (``import torch.cuda`` runs ``ldconfig -p``), made by whichever test imports it first."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _argv(args) -> list[str]:
     """The start of a command, as subprocess takes it (a string or a sequence)."""
     return [args] if isinstance(args, (str, bytes, os.PathLike)) else [str(a) for a in list(args or [])[:6]]
 
 
 class ProcessWatch:
-    """Records every process started while installed (fork, spawn, exec of a child), and lets it start."""
+    """Records every process started while installed (fork, spawn, exec of a child), but for a
+    library's probes while it is imported, and lets each start."""
 
     def __init__(self) -> None:
         self.started: list[str] = []
@@ -142,7 +154,8 @@ class ProcessWatch:
         self._saved[(owner, name)] = original
 
         def watched(*args, **kwargs):
-            self.started.append(describe(args))
+            if not _importing():
+                self.started.append(describe(args))
             return original(*args, **kwargs)
 
         setattr(owner, name, watched)
