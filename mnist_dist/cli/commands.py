@@ -90,7 +90,7 @@ def verify_command(run_dir: str) -> None:
 
     from ..errors import RunDirError
     from ..runs import WEIGHTS_FILE, is_run_dir
-    from ..training.integrity import verify_run
+    from ..training.resume import verify_run
 
     if not (is_run_dir(Path(run_dir)) or (Path(run_dir) / WEIGHTS_FILE).is_file()):
         raise RunDirError(

@@ -34,8 +34,8 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..runs import STATE_FILE, checkpoints_dir, file_mode, sha256_file
-from .integrity import FORMAT, checkpoint_dirs, read_state, state_digest, verify_checkpoint
-from .resume import check_compatible, resolve_on_main
+from .integrity import FORMAT, read_state, state_digest, verify_checkpoint
+from .resume import check_compatible, checkpoint_dirs, resolve_on_main
 
 log = logging.getLogger("mnist_dist")
 
@@ -234,7 +234,7 @@ class CheckpointManager:
 
     Saves come at the end of every ``every_epochs`` epochs, every ``every_steps`` optimizer
     steps (0: never), at the end of training, and on a stop signal. Choosing and verifying
-    are in ``resume.py`` and ``integrity.py``, writing in this module, behind this class.
+    are in ``resume.py`` and ``integrity.py``, writing in this module, all behind this class.
     """
 
     accelerator: Any

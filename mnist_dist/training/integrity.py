@@ -1,11 +1,11 @@
-"""Finding a run's checkpoints on disk and verifying them, byte for byte, before any is used.
+"""Verifying a checkpoint, byte for byte, before it is used.
 
 A checkpoint's ``trainer_state.json`` lists every file of it with its size and SHA-256,
 and carries a SHA-256 of its own content: a changed byte anywhere is caught. Format 1
 (before checksums) recorded sizes only; such checkpoints still load, checked by size.
-Readers look through one open handle on a checkpoint's directory, and take a second
-look before calling it damaged, so a checkpoint replaced while it is read (``save`` swaps
-directories) is seen whole, old or new.
+Readers look through one open handle on a checkpoint's directory, so a checkpoint replaced
+while it is read (``save`` swaps directories) is seen whole, old or new; finding a run's
+checkpoints (``resume.py``) takes a second look before calling one damaged.
 """
 
 from __future__ import annotations
@@ -18,23 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runs import STATE_FILE, checkpoints_dir, sha256_stream
+from ..runs import STATE_FILE, sha256_stream
 
 log = logging.getLogger("mnist_dist")
 
 # Format 1 recorded sizes only; format 2 adds a SHA-256 of every file and of the state itself.
 FORMAT, READABLE_FORMATS = 2, (1, 2)
-
-
-def step_of(path: Path) -> int | None:
-    """The step of a checkpoint directory named ``step-N`` (or ``.replaced-step-N``), else None."""
-    name = path.name.removeprefix(".replaced-")
-    if not name.startswith("step-"):
-        return None
-    try:
-        return int(name[len("step-") :])
-    except ValueError:
-        return None
 
 
 def state_digest(state: dict[str, Any]) -> str:
@@ -118,82 +107,5 @@ def verify_checkpoint(path: Path) -> Verdict:
     return Verdict(path, problem, size_only=fmt == 1)
 
 
-def scan(run_dir: str | os.PathLike) -> list[Verdict]:
-    """Every checkpoint directory of a run, oldest first, each inspected.
-
-    A ``.replaced-step-N`` directory (left by a same-step replacement on a filesystem that
-    cannot swap two directories atomically) stands in for ``step-N`` only when that is absent.
-    """
-    return [verify_checkpoint(path) for path in checkpoint_dirs(run_dir)]
-
-
-def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """The checkpoint directories of a run, oldest first, not yet inspected (see ``scan``)."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found: dict[int, Path] = {}
-    for path in sorted(root.iterdir(), key=lambda p: p.name.startswith(".")):  # step-N before .replaced-
-        step = step_of(path)
-        if step is not None and path.is_dir() and not path.name.startswith(".tmp-"):
-            found.setdefault(step, path)
-    return [found[step] for step in sorted(found)]
-
-
-def _settled_scan(run_dir: str | os.PathLike, looks: int = 4) -> list[Verdict]:
-    """``scan``, looked at again while what it finds wrong changes from one look to the next:
-    another process may be replacing a checkpoint (a directory listing taken during a rename
-    can even miss both names). Real damage looks the same twice."""
-    verdicts = scan(run_dir)
-    for _ in range(looks - 1):
-        if verdicts and all(v.ok for v in verdicts):
-            break
-        again = scan(run_dir)
-        if again == verdicts:
-            break
-        verdicts = again
-    return verdicts
-
-
-def sort_checkpoints(run_dir: str | os.PathLike) -> tuple[list[Path], list[Verdict]]:
-    """``(usable checkpoints, damaged ones)`` of a run directory, each oldest first."""
-    verdicts = _settled_scan(run_dir)
-    return [v.path for v in verdicts if v.ok], [v for v in verdicts if not v.ok]
-
-
-def complete_checkpoints(run_dir: str | os.PathLike, warn: bool = True) -> list[Path]:
-    """The usable checkpoints of a run directory, oldest first; damaged ones are skipped with a warning."""
-    good, damaged = sort_checkpoints(run_dir)
-    for verdict in damaged if warn else ():
-        log.warning("skipping checkpoint %s: %s", verdict.path, verdict.problem)
-    return good
-
-
 def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text())
-
-
-def verify_run(run_dir: Path) -> tuple[list[str], bool]:
-    """Lines describing every checkpoint and the final weights of a run; False if the newest
-    checkpoint (or the final weights) cannot be used."""
-    from ..runs import WEIGHTS_FILE, weights_problem
-
-    verdicts = scan(run_dir)
-    lines = [f"{v.path.relative_to(run_dir)}: {v.describe()}" for v in verdicts]
-    ok = not verdicts or verdicts[-1].ok
-    for aside in sorted(checkpoints_dir(run_dir).glob("step-*.damaged-*")):  # replaced by a good save since
-        lines.append(f"{aside.relative_to(run_dir)}: set aside: {verify_checkpoint(aside).describe()}")
-    if not verdicts:
-        lines.append(f"{checkpoints_dir(run_dir).relative_to(run_dir)}: no checkpoints")
-    weights = run_dir / WEIGHTS_FILE
-    if weights.is_file():
-        problem, recorded = weights_problem(weights)
-        if problem:
-            ok = False
-            lines.append(f"{WEIGHTS_FILE}: damaged: {problem}")
-        else:
-            lines.append(
-                f"{WEIGHTS_FILE}: "
-                + ("good (SHA-256 verified)" if recorded else "no checksum recorded (written before checksums)")
-            )
-    return lines, ok

@@ -1,4 +1,6 @@
-"""Which checkpoint a run continues from, and whether it may (``checkpoint.CheckpointManager`` asks).
+"""A run's checkpoints on disk: finding them, each verified (``integrity.py``); which one a run
+continues from, and whether it may (``checkpoint.CheckpointManager`` asks); the report of
+``mnist-dist checkpoints verify``.
 
 ``auto`` takes the newest usable checkpoint of the run directory; ``PATH`` a given one,
 unless the run directory has a newer one of its own (a job never goes backwards); ``none``
@@ -10,15 +12,84 @@ never with a config that changes the training mathematics.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, free_on_resume, per_process_batch_size
 from ..errors import CheckpointError, ConfigError
-from ..runs import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpoints_dir
-from .integrity import complete_checkpoints, read_state, sort_checkpoints, step_of, verify_checkpoint
+from ..runs import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpoints_dir, weights_problem
+from .integrity import Verdict, read_state, verify_checkpoint
 
 log = logging.getLogger("mnist_dist")
+
+
+# -- finding a run's checkpoints -------------------------------------------------------------
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint directory named ``step-N`` (or ``.replaced-step-N``), else None."""
+    name = path.name.removeprefix(".replaced-")
+    if not name.startswith("step-"):
+        return None
+    try:
+        return int(name[len("step-") :])
+    except ValueError:
+        return None
+
+
+def scan(run_dir: str | os.PathLike) -> list[Verdict]:
+    """Every checkpoint directory of a run, oldest first, each inspected.
+
+    A ``.replaced-step-N`` directory (left by a same-step replacement on a filesystem that
+    cannot swap two directories atomically) stands in for ``step-N`` only when that is absent.
+    """
+    return [verify_checkpoint(path) for path in checkpoint_dirs(run_dir)]
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint directories of a run, oldest first, not yet inspected (see ``scan``)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found: dict[int, Path] = {}
+    for path in sorted(root.iterdir(), key=lambda p: p.name.startswith(".")):  # step-N before .replaced-
+        step = step_of(path)
+        if step is not None and path.is_dir() and not path.name.startswith(".tmp-"):
+            found.setdefault(step, path)
+    return [found[step] for step in sorted(found)]
+
+
+def _settled_scan(run_dir: str | os.PathLike, looks: int = 4) -> list[Verdict]:
+    """``scan``, looked at again while what it finds wrong changes from one look to the next:
+    another process may be replacing a checkpoint (a directory listing taken during a rename
+    can even miss both names). Real damage looks the same twice."""
+    verdicts = scan(run_dir)
+    for _ in range(looks - 1):
+        if verdicts and all(v.ok for v in verdicts):
+            break
+        again = scan(run_dir)
+        if again == verdicts:
+            break
+        verdicts = again
+    return verdicts
+
+
+def sort_checkpoints(run_dir: str | os.PathLike) -> tuple[list[Path], list[Verdict]]:
+    """``(usable checkpoints, damaged ones)`` of a run directory, each oldest first."""
+    verdicts = _settled_scan(run_dir)
+    return [v.path for v in verdicts if v.ok], [v for v in verdicts if not v.ok]
+
+
+def complete_checkpoints(run_dir: str | os.PathLike, warn: bool = True) -> list[Path]:
+    """The usable checkpoints of a run directory, oldest first; damaged ones are skipped with a warning."""
+    good, damaged = sort_checkpoints(run_dir)
+    for verdict in damaged if warn else ():
+        log.warning("skipping checkpoint %s: %s", verdict.path, verdict.problem)
+    return good
+
+
+# -- choosing the one to continue from ---------------------------------------------------------
 
 
 def _newest_of_run(run_dir: Path) -> Path | None:
@@ -181,3 +252,27 @@ def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, path: 
             f"epochs ({cfg.epochs}) / max_steps ({cfg.max_steps})"
         )
     return note
+
+
+def verify_run(run_dir: Path) -> tuple[list[str], bool]:
+    """Lines describing every checkpoint and the final weights of a run; False if the newest
+    checkpoint (or the final weights) cannot be used."""
+    verdicts = scan(run_dir)
+    lines = [f"{v.path.relative_to(run_dir)}: {v.describe()}" for v in verdicts]
+    ok = not verdicts or verdicts[-1].ok
+    for aside in sorted(checkpoints_dir(run_dir).glob("step-*.damaged-*")):  # replaced by a good save since
+        lines.append(f"{aside.relative_to(run_dir)}: set aside: {verify_checkpoint(aside).describe()}")
+    if not verdicts:
+        lines.append(f"{checkpoints_dir(run_dir).relative_to(run_dir)}: no checkpoints")
+    weights = run_dir / WEIGHTS_FILE
+    if weights.is_file():
+        problem, recorded = weights_problem(weights)
+        if problem:
+            ok = False
+            lines.append(f"{WEIGHTS_FILE}: damaged: {problem}")
+        else:
+            lines.append(
+                f"{WEIGHTS_FILE}: "
+                + ("good (SHA-256 verified)" if recorded else "no checksum recorded (written before checksums)")
+            )
+    return lines, ok

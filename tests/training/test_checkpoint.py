@@ -14,8 +14,8 @@ from mnist_dist.errors import CheckpointError
 from mnist_dist.runs import checkpoints_dir
 from mnist_dist.training import checkpoint
 from mnist_dist.training.checkpoint import CheckpointManager
-from mnist_dist.training.integrity import complete_checkpoints, verify_checkpoint
-from mnist_dist.training.resume import resolve
+from mnist_dist.training.integrity import verify_checkpoint
+from mnist_dist.training.resume import complete_checkpoints, resolve
 
 from conftest import REPO
 from saving import flip_byte
@@ -52,13 +52,13 @@ def test_a_damaged_checkpoint_of_the_same_step_is_set_aside_not_deleted(saver, t
 
 WATCHER = textwrap.dedent("""
     import sys, time
-    from mnist_dist.training import integrity
+    from mnist_dist.training import resume
     run_dir, seconds = sys.argv[1], float(sys.argv[2])
     looks = gaps = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         looks += 1
-        if not integrity.complete_checkpoints(run_dir, warn=False):
+        if not resume.complete_checkpoints(run_dir, warn=False):
             gaps += 1
     print(looks, gaps)
 """)

@@ -10,8 +10,8 @@ import pytest
 from mnist_dist.config import Config
 from mnist_dist.errors import CheckpointError
 from mnist_dist.runs import STATE_FILE, sha256_file
-from mnist_dist.training.integrity import complete_checkpoints, read_state, state_digest, verify_checkpoint, verify_run
-from mnist_dist.training.resume import resolve
+from mnist_dist.training.integrity import read_state, state_digest, verify_checkpoint
+from mnist_dist.training.resume import complete_checkpoints, resolve, verify_run
 
 from saving import FILE_KINDS, flip_byte
 

@@ -22,8 +22,8 @@ from mnist_dist.config import Config
 from mnist_dist.errors import CheckpointError
 from mnist_dist.runs import checkpoints_dir
 from mnist_dist.training.checkpoint import mean_rank_state
-from mnist_dist.training.integrity import complete_checkpoints, read_state
-from mnist_dist.training.resume import check_compatible, resolve
+from mnist_dist.training.integrity import read_state
+from mnist_dist.training.resume import check_compatible, complete_checkpoints, resolve
 
 from conftest import (
     REPO,
