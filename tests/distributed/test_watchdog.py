@@ -234,10 +234,18 @@ def test_torchrun_restarts_after_a_lost_rank_and_ends_bit_identical(data_dir, tm
     assert len({p.name.rsplit("-", 1)[1] for p in offline_runs(run)}) == 1
 
 
+def accelerate_launch(args: list[str], restarts: int = 0) -> list[str]:
+    """``args`` on 2 CPU processes under ``accelerate launch --max_restarts`` (torch's launcher underneath)."""
+    config = str(REPO / "configs/accelerate/cpu.yaml")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2"]
+    return [*launch, "--max_restarts", str(restarts), "-m", *args]
+
+
 @pytest.mark.multiprocess
-def test_an_error_that_would_recur_ends_the_job_after_one_attempt(data_dir, tmp_path):
+@pytest.mark.parametrize("launcher", [torchrun, accelerate_launch], ids=["torchrun", "accelerate"])
+def test_an_error_that_would_recur_ends_the_job_after_one_attempt(data_dir, tmp_path, launcher):
     began = time.monotonic()
-    proc = launched(torchrun(train_args(data_dir, tmp_path, "--lr", "1e9", "--max-steps", "50"), restarts=3))
+    proc = launched(launcher(train_args(data_dir, tmp_path, "--lr", "1e9", "--max-steps", "50"), restarts=3))
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0
     assert "Error: the loss is not finite" in output, output[-3000:]
