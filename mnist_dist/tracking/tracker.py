@@ -176,6 +176,8 @@ class Tracker:
 
     def _init_trackers(self, config: dict[str, Any], init_kwargs: dict[str, Any]) -> None:
         self._drop_wandb()  # a tracker left by a failed attempt would be started again with it
+        if "settings" in init_kwargs:  # wandb.init writes into its Settings: each attempt gets its own
+            init_kwargs = {**init_kwargs, "settings": init_kwargs["settings"].model_copy(deep=True)}
         self.accelerator.init_trackers(self.cfg.wandb_project, config=config, init_kwargs={"wandb": init_kwargs})
 
     def wait_started(self) -> None:

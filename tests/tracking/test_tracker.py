@@ -351,3 +351,27 @@ def test_a_stopped_sweep_trial_is_marked_preempting(tmp_path, monkeypatch, reque
     kinds = [r.WhichOneof("record_type") for r in read_wandb_records(next(record.glob("run-*.wandb")))]
     assert "preempting" in kinds
     assert tracker.run_id == "trial777"
+
+
+@pytest.mark.slow  # wandb starts its service process
+def test_a_refused_rewind_continues_the_run_with_settings_of_its_own(tmp_path):
+    """wandb.init writes what it is given into its Settings object; the continuation tried after a
+    rewind the server refused must not inherit the rewind's resume_from (wandb refuses resume with it)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from mnist_dist.tracking.tracker import Tracker
+    from mnist_dist.tracking.wandb_run import init_kwargs
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = build_config(None, {"output_dir": str(tmp_path)})
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    tracker = Tracker(cfg, accelerator, tmp_path)
+    rewind = init_kwargs(cfg, tmp_path, "abcd1234", "rewind", 3)
+    tracker._init_trackers({"lr": 0.5}, rewind)  # the rewind attempt
+    assert accelerator.get_tracker("wandb", unwrap=True).id == "abcd1234"
+    continued = {k: v for k, v in rewind.items() if k != "resume_from"} | {"id": "abcd1234", "resume": "allow"}
+    tracker._init_trackers({"lr": 0.5}, continued)  # what _init_wandb tries when the rewind is refused
+    assert accelerator.get_tracker("wandb", unwrap=True).id == "abcd1234"
+    assert rewind["settings"].resume_from is None  # the caller's Settings are left as they were
+    tracker.end()
