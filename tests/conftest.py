@@ -48,6 +48,17 @@ def _starting_no_process(item):
     return result
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_service_left_behind():
+    """A test that ran wandb in this process ends its service: wandb keeps the service's address in
+    WANDB_SERVICE, which every run a later test starts would inherit and share (a run killed by a
+    test would then stay "in use" in this process's service, and its continuation could not rewind it)."""
+    yield
+    if os.environ.get("WANDB_SERVICE") and "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+        os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def wandb_offline():
     """Test runs never reach wandb's servers: offline, with wandb's files in each run directory.
