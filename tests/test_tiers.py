@@ -60,6 +60,8 @@ def test_the_watch_sees_every_way_a_process_starts_and_lets_it_start():
     assert os.fork is fork  # put back
     with tiers.ProcessWatch() as idle:
         _thread_only()
+        with tiers.session_setup():  # a session fixture's fetch, say
+            assert run(["true"]).returncode == 0
         sys.modules.pop("probing_at_import", None)
         importlib.import_module("probing_at_import")  # a library that runs a command when imported
     assert idle.started == []

