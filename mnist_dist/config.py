@@ -80,7 +80,14 @@ class Config:
     grad_clip: float | None = _opt(None, "Clip the global gradient norm to this value.", min_exclusive=0.0)
     check_finite: bool = _opt(
         True,
-        "Stop before any optimizer step whose loss is not finite on some rank (one host sync per step).",
+        "Stop when the loss is not finite on some rank: looked for at log intervals, epoch ends and before "
+        "every checkpoint, from a flag kept on the device (no host sync per step).",
+        on_resume="free",
+    )
+    check_finite_each_step: bool = _opt(
+        False,
+        "With check_finite: check before every optimizer step instead, naming the exact step before it "
+        "changes the weights (one host sync per step).",
         on_resume="free",
     )
     # Recipe: schedule, loss, inputs, validation (all off by default: the reference recipe)

@@ -36,6 +36,7 @@ NOT_RECIPE = frozenset(
         "compile",
         "eval_batch_size",
         "check_finite",
+        "check_finite_each_step",
         "log_every",
         "profile_steps",
         "collective_timeout",

@@ -1,4 +1,4 @@
-"""One optimizer step's mechanics: the fastest correct calls, and the gradient checks before the step."""
+"""One optimizer step's mechanics: the fastest correct calls, clipping, and the non-finite check."""
 
 from __future__ import annotations
 
@@ -32,17 +32,64 @@ def step_calls(optimizer, accelerator):
     return (lambda: inner.zero_grad(set_to_none=True)), (lambda loss: loss.backward()), inner.step
 
 
-def check_gradients(params: list[torch.nn.Parameter], cfg, step: int, epoch: int) -> None:
-    """Clip the gradients if asked; refuse non-finite ones before the optimizer step.
+class FiniteCheck:
+    """Non-finite gradients caught without a host sync per step.
 
-    ``step`` and ``epoch`` are those done so far (for the message). The gradients are
-    already averaged over ranks (DDP's all-reduce), and one rank's NaN makes the average
-    NaN everywhere: every rank reaches the same verdict at the same step, with no extra
-    collective. Without clipping the check reads only the output layer's bias gradient (10
-    numbers, the last of ``params``): for cross-entropy it is ``mean(softmax(logits) -
-    target)``, non-finite exactly when some rank's logits, and so its loss, are. A full
-    gradient norm would cost this model a tenth of its step; with clipping it is computed
-    anyway, and checked.
+    Each step ORs "some gradient is not finite" into a flag on the device (no sync); ``verify``
+    reads it where the loop waits for the device anyway (a log interval, an epoch's end, before
+    every checkpoint, so that no checkpoint holds a non-finite value) and names the steps
+    since it last looked. With ``check_finite_each_step`` the flag is read at every step, before
+    the optimizer step: the exact step is named and the weights never take it.
+
+    The gradients are averaged over ranks (DDP's all-reduce) before they are looked at, and
+    one rank's NaN makes the average NaN everywhere: every rank reaches the same verdict at the
+    same step, with no extra collective.
+    """
+
+    def __init__(self, cfg, device: torch.device) -> None:
+        self.enabled, self.each_step, self.lr = cfg.check_finite, cfg.check_finite_each_step, cfg.lr
+        self._bad = torch.zeros((), dtype=torch.bool, device=device)
+        self._first: int | None = None  # the first step (1-based) not yet verified
+
+    def observe(self, probe: torch.Tensor, norm, step: int, epoch: int) -> None:
+        """Look at the gradients of step ``step + 1``: ``probe`` (some of them), ``norm()`` (for a message)."""
+        if not self.enabled:
+            return
+        if self.each_step:
+            if not bool(torch.isfinite(probe).all()):
+                raise NonFiniteError(
+                    f"the loss is not finite at step {step + 1} (epoch {epoch + 1}): gradient norm {float(norm())}; "
+                    f"training stopped before that step changed the weights. {self._advice()}"
+                )
+            return
+        self._bad |= ~torch.isfinite(probe).all()
+        self._first = step + 1 if self._first is None else self._first
+
+    def verify(self, step: int, epoch: int) -> None:
+        """Raise if some step since the last look had a non-finite gradient; ``step``: steps done so far."""
+        if self._first is None:
+            return
+        first, self._first = self._first, None
+        if bool(self._bad):
+            where = f"step {step}" if first == step else f"one of steps {first} to {step}"
+            raise NonFiniteError(
+                f"the loss is not finite at {where} (epoch {epoch + 1}); training stopped "
+                f"at step {step}, and no checkpoint holds those weights. {self._advice()} "
+                "(--check-finite-each-step names the exact step)"
+            )
+
+    def _advice(self) -> str:
+        return f"Lower the learning rate (lr is {self.lr}) or clip gradients, e.g. --grad-clip 1.0"
+
+
+def check_gradients(params: list[torch.nn.Parameter], cfg, finite: FiniteCheck, step: int, epoch: int) -> None:
+    """Clip the gradients if asked; hand them to the non-finite check (``finite``) before the optimizer step.
+
+    ``step`` and ``epoch`` are those done so far. Without clipping the check reads only the
+    output layer's bias gradient (10 numbers, the last of ``params``): for cross-entropy it is
+    ``mean(softmax(logits) - target)``, non-finite exactly when some rank's logits, and so its
+    loss, are. A full gradient norm would cost this model a tenth of its step; with clipping
+    it is computed anyway, and checked.
     """
     if not (cfg.check_finite or cfg.grad_clip):
         return
@@ -52,11 +99,6 @@ def check_gradients(params: list[torch.nn.Parameter], cfg, step: int, epoch: int
 
     norm = grad_norm() if cfg.grad_clip else None
     probe = params[-1].grad if norm is None else norm
-    if cfg.check_finite and not bool(torch.isfinite(probe).all()):
-        raise NonFiniteError(
-            f"the loss is not finite at step {step + 1} (epoch {epoch + 1}): gradient norm "
-            f"{float(grad_norm() if norm is None else norm)}; training stopped before that step changed the "
-            f"weights. Lower the learning rate (lr is {cfg.lr}) or clip gradients, e.g. --grad-clip 1.0"
-        )
+    finite.observe(probe, lambda: grad_norm() if norm is None else norm, step, epoch)
     if cfg.grad_clip:
         torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm, foreach=True)

@@ -30,7 +30,7 @@ from .meters import LossMeter, Position, Stopwatch
 from .preempt import StopFlags
 from .profiling import StepProfiler, log_to_wandb
 from .progress import ProgressDisplay
-from .step import check_gradients, step_calls
+from .step import FiniteCheck, check_gradients, step_calls
 from .timing import RankTiming, Stragglers
 
 log = logging.getLogger("mnist_dist")
@@ -84,6 +84,7 @@ class Trainer:
         self.display = ProgressDisplay(accelerator.is_main_process, parts.global_batch)
         self._calls = step_calls(self.optimizer, accelerator)
         self._params = list(self.model.parameters())  # every one gets a gradient
+        self.finite = FiniteCheck(cfg, accelerator.device)
         self.timing = RankTiming(accelerator.process_index, self.world)
         self.timing.time_gradient_allreduce(self.model, accelerator.device.type)
         self.stragglers = _stragglers(accelerator)
@@ -120,7 +121,9 @@ class Trainer:
         log.info("resumed from %s: step %d, %s", point.path, p.step, where)
 
     def save_checkpoint(self):
-        """Save where training is now (a collective: every rank calls it at the same step)."""
+        """Save where training is now (a collective: every rank calls it at the same step); never
+        weights that took a non-finite step."""
+        self.finite.verify(self.position.step, self.position.epoch)
         self._at("checkpoint")
         with self.clock.paused():  # the training time so far is counted in, the save's time is not
             path = self.checkpoints.save(self.state_dict(), self.losses.state_dict())
@@ -141,7 +144,7 @@ class Trainer:
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
         zero_grad()
         backward(loss)
-        check_gradients(self._params, self.cfg, self.position.step, self.position.epoch)
+        check_gradients(self._params, self.cfg, self.finite, self.position.step, self.position.epoch)
         step()
         self.recipe.after_step()
         return loss
@@ -166,6 +169,7 @@ class Trainer:
         """The interval's loss and every rank's timing, shared with the stop vote; raises ``Stopped`` if
         the ranks agreed to stop."""
         p = self.position
+        self.finite.verify(p.step, p.epoch)
         mean, signum, split = self._reduce_loss_and_vote(self.losses.interval_mean(), self.timing.take())
         rate = self.display.interval(p.step, mean, self.losses.interval_steps)
         metrics = {"train/loss": mean, "lr": self.optimizer.param_groups[0]["lr"], "train/samples_per_second": rate}
@@ -217,6 +221,7 @@ class Trainer:
             self._at("data", p.step)
         self.clock.stop()
         self.display.end_epoch()
+        self.finite.verify(p.step, p.epoch)
         # A step limit inside the epoch leaves it open: a larger limit later continues it exactly.
         finished_epoch = p.batch >= len(loader)
         return self._reduce_loss_and_vote(self.losses.end_epoch() if finished_epoch else self.losses.epoch_mean())[:2]

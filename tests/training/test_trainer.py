@@ -1,6 +1,7 @@
 """The training loop: its mathematics on 1 and N processes, and each recipe feature."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def test_diverging_lr_stops_all_ranks_with_the_step(tmp_path, data_dir):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 2 and len(set(errors)) == 1, proc.stderr[-2000:]
-    assert "the loss is not finite at step" in errors[0]
+    assert "the loss is not finite at " in errors[0] and "no checkpoint holds those weights" in errors[0]
     assert not (out / "model.safetensors").exists()
 
 
@@ -336,3 +337,20 @@ def test_step_calls_skip_accelerates_wrappers_only_when_they_add_nothing(make_tr
     trainer.accelerator.gradient_accumulation_steps = 2  # now Accelerate's calls are needed
     zero_grad, backward, step = step_calls(trainer.optimizer, trainer.accelerator)
     assert step == trainer.optimizer.step and backward == trainer.accelerator.backward
+
+
+def test_a_diverging_run_stops_at_the_next_look_and_no_checkpoint_holds_its_weights(make_trainer):
+    from mnist_dist.errors import NonFiniteError
+
+    trainer = make_trainer(lr=1e9, checkpoint_every=3)  # every save looks first, and every log interval (4)
+    with pytest.raises(NonFiniteError, match=r"not finite at (?:step|one of steps \d+ to) (\d+) \(epoch 1\)") as stop:
+        trainer.fit()
+    stopped = int(re.search(r"(\d+) \(epoch 1\)", str(stop.value)).group(1))
+    assert trainer.position.step == stopped and "no checkpoint holds those weights" in str(stop.value)
+    for saved in (trainer.checkpoints.run_dir / "checkpoints").glob("step-*"):  # those before it: finite
+        assert int(saved.name.removeprefix("step-")) < stopped
+        assert all(torch.isfinite(w).all() for w in load_weights(saved / "model.safetensors").values())
+    exact = make_trainer(lr=1e9, check_finite_each_step=True, output_dir=str(trainer.checkpoints.run_dir) + "-exact")
+    with pytest.raises(NonFiniteError, match=r"not finite at step (\d+) \(epoch 1\).*before that step") as stop:
+        exact.fit()
+    assert exact.position.step == int(re.search(r"at step (\d+)", str(stop.value)).group(1)) - 1  # not taken
