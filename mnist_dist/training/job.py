@@ -139,8 +139,9 @@ def _train(cfg: Config, accelerator, run_dir: Path, watch) -> dict[str, Any]:
         if accelerator.num_processes == 1 or isinstance(exc, UserError):
             raise
         raise _peer_lost(exc, watch, accelerator) from None
-    finally:
-        stop.restore()
+    # Only here: after an error or a stop the handlers stay until the process ends, since a launcher
+    # sends SIGTERM to every rank once one has ended, and it must not cut short the line saying why.
+    stop.restore()
     _write_results(accelerator, run_dir, model, metrics)
     tracker.log_model()  # main process: the files just written, as a wandb artifact
     accelerator.wait_for_everyone()
