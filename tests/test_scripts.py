@@ -80,3 +80,33 @@ def test_every_package_name_a_script_imports_exists(script):
 def test_every_module_a_page_or_job_script_names_exists(text):
     missing = sorted({name for name in DOTTED.findall(text.read_text()) if not resolves(name)})
     assert not missing, f"{text.relative_to(REPO)} names what the package does not have: {missing}"
+
+
+@pytest.mark.slow  # bench/gpu.py starts the variants' processes
+def test_the_device_benchmark_reports_every_variant_whatever_fails(tmp_path, data_dir, capsys):
+    """bench/gpu.py on the CPU (--allow-cpu, few steps): a variant that fails or times out is one line,
+    and the next ones still run; summary.json holds them all. Without the data it names what is missing."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    variants = [("eager", [], 120), ("broken", ["--lr", "-1"], 120), ("stuck", ["--max-steps", "100000"], 3)]
+    variants.append(("floor", None, 120))
+    args = [str(tmp_path / "out"), "--allow-cpu", "--max-steps", "20", "--data-dir", str(data_dir)]
+    assert gpu.main(args, variants) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["eager", "broken", "stuck", "floor"], lines
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    got = {v["variant"]: v for v in summary["variants"]}
+    assert got["eager"]["status"] == "ok" and got["eager"]["steps"] == 20 and got["eager"]["device"] == "cpu"
+    assert got["broken"]["status"] == "failed (exit 2)"
+    assert "config key 'lr'" in (tmp_path / "out/broken.log").read_text()
+    assert got["stuck"]["status"] == "timed out after 3 s" and got["floor"]["status"] == "ok"
+    assert 0 < got["floor"]["accuracy"] <= 1
+    assert gpu.main([str(tmp_path / "none"), "--data-dir", str(tmp_path / "no-data")]) == 1  # nothing is run
+    missing = json.loads((tmp_path / "none/summary.json").read_text())["missing"]
+    assert len(missing) == 4 and all("carry the MNIST IDX files" in m for m in missing)
