@@ -74,11 +74,11 @@ class Group(_OneLineErrors, click.Group):
 
 def _option_for(name: str):
     meta = FIELDS[name].metadata
-    flag = "--" + name.replace("_", "-")
+    flag = "--" + _dashes(name)
     kind = field_type(name)
     help_text = meta["help"]
     if kind is bool:
-        return click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)
+        return click.option(f"{flag}/--no-{_dashes(name)}", name, default=None, help=help_text)
     if "choices" in meta:
         param_type: Any = click.Choice(meta["choices"])
     else:

@@ -20,7 +20,6 @@ def run(cfg, weights: str, output: str | None = None) -> dict[str, Any]:
     ``output`` is checked first: never the weights evaluated, nor a file of a run directory
     (:func:`~mnist_dist.runs.check_output`); it is written atomically, by the main process.
     """
-
     target = check_output(output, (weights_file(weights),), example="eval.json") if output else None
     state = load_weights(weights)
     model = MLP(hidden_sizes_from_state_dict(state))

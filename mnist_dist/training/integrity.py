@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..runs import STATE_FILE, sha256_stream
-
-log = logging.getLogger("mnist_dist")
 
 # Format 1 recorded sizes only; format 2 adds a SHA-256 of every file and of the state itself.
 FORMAT, READABLE_FORMATS = 2, (1, 2)

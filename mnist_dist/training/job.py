@@ -121,7 +121,10 @@ def _train(cfg: Config, accelerator, run_dir: Path, watch) -> dict[str, Any]:
     if accelerator.is_main_process:
         save_config(cfg, run_dir / runs.CONFIG_FILE, of_run=True)
     tracker = Tracker(cfg, accelerator, run_dir)
-    tracker.start(run_config(cfg, accelerator), *((point.state, point.path) if point else ()))
+    if point is None:
+        tracker.start(run_config(cfg, accelerator))
+    else:
+        tracker.start(run_config(cfg, accelerator), resumed=point.state, checkpoint=point.path)
     stop = StopFlags()
     try:
         trainer = Trainer(cfg, build(cfg, accelerator), accelerator, tracker, checkpoints, stop, watch)
