@@ -117,7 +117,8 @@ def test_resume_on_another_number_of_processes(written, resumed_on, data_dir, tm
     every = random.Random(seed).randrange(40, 200)  # a mid-epoch step (235 steps an epoch)
     straight = tmp_path / f"on-{written}"
     proc = run_cli(
-        train_args(data_dir, straight, "--checkpoint-every", str(every), "--keep-checkpoints", "9", recipe=BEST),
+        # every checkpoint kept: at every 40 steps, 400 steps save 10 of them and the epoch's end an 11th
+        train_args(data_dir, straight, "--checkpoint-every", str(every), "--keep-checkpoints", "20", recipe=BEST),
         written,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
