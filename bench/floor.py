@@ -1,7 +1,9 @@
 """The compute floor: a bare PyTorch loop over preloaded float tensors, reference recipe.
 
 No DataLoader, no Accelerate: what the model's arithmetic alone costs on this machine.
-Prints one JSON line (accuracy, train_seconds, eval_seconds).
+Prints one JSON line (accuracy, train_seconds, its warm-up, the steady time per step,
+eval_seconds). The warm-up is the first steps, timed as a training run times them
+(``mnist_dist.training.meters``): the device synchronised after each.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from mnist_dist.data.idx import load_split
 from mnist_dist.data.sources import ensure_dataset
 from mnist_dist.model import MLP
+from mnist_dist.training.meters import WARMUP_STEPS, synchronize
 
 
 def main() -> None:
@@ -35,21 +38,26 @@ def main() -> None:
     torch.manual_seed(0)
     model = MLP().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
-    start = time.perf_counter()
+    start, steps, warmup_seconds = time.perf_counter(), 0, 0.0
     for _ in range(args.epochs):
         for i in range(0, len(x), args.batch_size):
             loss = F.cross_entropy(model(x[i : i + args.batch_size]), train_y[i : i + args.batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+            steps += 1
+            if steps <= WARMUP_STEPS:
+                synchronize(device)
+                warmup_seconds = time.perf_counter() - start
+    synchronize(device)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():
         correct = int((model(xt).argmax(1) == test_y).sum())
     eval_seconds = time.perf_counter() - start
-    print(json.dumps({"accuracy": correct / len(test_y), "train_seconds": train_seconds, "eval_seconds": eval_seconds}))
+    steady = (train_seconds - warmup_seconds) / (steps - WARMUP_STEPS) if steps > WARMUP_STEPS else None
+    figures = {"accuracy": correct / len(test_y), "train_seconds": train_seconds, "warmup_seconds": warmup_seconds}
+    print(json.dumps({**figures, "steady_step_seconds": steady, "eval_seconds": eval_seconds}))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ its own timeout:
 - ``eager``: the reference recipe, 1 process, non-finite check from a flag on the device;
 - ``eager-each-step``: the same with ``--check-finite-each-step`` (one host sync per step);
 - ``bf16``: with bf16 autocast;
-- ``compile``: ``--compile default`` (compilation is inside ``train_seconds``: compare with
-  ``eager``; the wall time beyond training is start-up, data, evaluation and compilation);
+- ``compile``: ``--compile default`` (compilation is in the warm-up, ``warmup_seconds``,
+  reported apart from the steady time per step, ``steady_step_seconds``);
 - ``floor``: the bare loop of ``bench/floor.py`` (no Accelerate, no DataLoader);
 - ``cuda-tests``: the tests that need a GPU (``-k cuda``).
 
@@ -88,7 +88,8 @@ def figures(name: str, out: Path, log: str) -> dict:
     if not metrics.is_file():
         return {}
     m = json.loads(metrics.read_text())
-    return {k: m.get(k) for k in ("device", "train_seconds", "eval_seconds", "steps", "test_accuracy")}
+    timed = ("train_seconds", "warmup_seconds", "steady_step_seconds", "eval_seconds")
+    return {k: m.get(k) for k in ("device", "compiled", *timed, "steps", "test_accuracy")}
 
 
 def run_variant(name: str, extra: list[str] | None, limit: int, args) -> dict:

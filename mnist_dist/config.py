@@ -135,7 +135,8 @@ class Config:
     )
     compile: str = _opt(
         "none",
-        "torch.compile the model: default, or reduce-overhead (adds CUDA-graph capture on GPU).",
+        "torch.compile the model: default, or reduce-overhead (on a GPU, also captures the forward and backward "
+        "as CUDA graphs). Without a compiler toolchain it trains eagerly, saying so.",
         choices=("none", "default", "reduce-overhead", "max-autotune"),
     )
     log_every: int = _opt(100, "Log training loss every N optimizer steps.", min=1, on_resume="free")

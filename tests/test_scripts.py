@@ -107,6 +107,9 @@ def test_the_device_benchmark_reports_every_variant_whatever_fails(tmp_path, dat
     assert "config key 'lr'" in (tmp_path / "out/broken.log").read_text()
     assert got["stuck"]["status"] == "timed out after 3 s" and got["floor"]["status"] == "ok"
     assert 0 < got["floor"]["accuracy"] <= 1
+    for variant in ("eager", "floor"):  # the warm-up apart from the steady time per step
+        assert 0 < got[variant]["warmup_seconds"] < got[variant]["train_seconds"], got[variant]
+        assert 0 < got[variant]["steady_step_seconds"] < got[variant]["train_seconds"] / 10, got[variant]
     assert gpu.main([str(tmp_path / "none"), "--data-dir", str(tmp_path / "no-data")]) == 1  # nothing is run
     missing = json.loads((tmp_path / "none/summary.json").read_text())["missing"]
     assert len(missing) == 4 and all("carry the MNIST IDX files" in m for m in missing)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import shutil
+import sysconfig
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
 from ..config import Config
+
+log = logging.getLogger("mnist_dist")
 
 
 def world_size_from_env() -> int:
@@ -43,6 +49,32 @@ def start_process_group(cfg: Config) -> None:
     init_process_group("gloo" if on_cpu else "nccl", cfg.rendezvous_timeout, cfg.collective_timeout)
 
 
+def _on_path(command: str) -> bool:
+    """Whether ``command`` (a program, perhaps with flags: ``CXX="clang++ -stdlib=libc++"``) can be run."""
+    words = command.split()
+    return bool(words) and shutil.which(words[0]) is not None
+
+
+def compile_toolchain_missing(device_type: str) -> str | None:
+    """What torch.compile's inductor lacks on this machine to build its kernels, with the fix; None
+    if nothing: on a GPU, Triton and a C compiler for Triton's launcher; on the CPU, a C++
+    compiler; on both, Python's headers. (Inductor would fail at the first step otherwise.)"""
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        cc = os.environ.get("CC")
+        if not (_on_path(cc) if cc else shutil.which("gcc") or shutil.which("clang")):
+            return f"no C compiler for Triton's launcher ({cc or 'gcc or clang'} not found; install one or set CC)"
+    else:
+        cxx = os.environ.get("CXX", "g++")
+        if not _on_path(cxx):
+            return f"no C++ compiler for inductor's CPU kernels ({cxx} not found; install g++ or set CXX)"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        return f"no Python headers ({headers} not found; install the Python development package)"
+    return None
+
+
 def build_accelerator(cfg: Config, log_with: str | None = None):
     """The one Accelerator of a run. Without CUDA it uses CPU processes (gloo).
 
@@ -55,20 +87,25 @@ def build_accelerator(cfg: Config, log_with: str | None = None):
     start_process_group(cfg)
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
-    # torch.compile through Accelerate's plugin; "reduce-overhead" also captures CUDA graphs,
-    # which is what this launch-bound model needs on a GPU (it has no effect on CPU).
+    on_cpu = cfg.cpu or not torch.cuda.is_available()
+    # torch.compile through Accelerate's plugin; "reduce-overhead" also captures the forward and
+    # backward as CUDA graphs on a GPU (it has no effect on CPU). Without a toolchain: eager.
+    missing = None if cfg.compile == "none" else compile_toolchain_missing("cpu" if on_cpu else "cuda")
     dynamo = (
         None
-        if cfg.compile == "none"
+        if cfg.compile == "none" or missing
         else TorchDynamoPlugin(backend="inductor", mode=None if cfg.compile == "default" else cfg.compile)
     )
-    return Accelerator(
-        cpu=cfg.cpu or not torch.cuda.is_available(),
+    accelerator = Accelerator(
+        cpu=on_cpu,
         mixed_precision=cfg.mixed_precision,
         dynamo_plugin=dynamo,
         kwargs_handlers=[timeout],
         log_with=log_with,
     )
+    if missing and accelerator.is_main_process:
+        log.warning("--compile %s: %s; training without torch.compile (eager)", cfg.compile, missing)
+    return accelerator
 
 
 def end_process_group(accelerator) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import is_compiled_module
 
 from ..config import parse_steps
 from ..data.loaders import shard_sampler, to_inputs
@@ -26,7 +27,7 @@ from ..errors import Stopped
 from ..evaluation import EvalResult, evaluate, misclassified_examples
 from .build import TrainingParts
 from .checkpoint import CheckpointManager, ResumePoint
-from .meters import LossMeter, Position, Stopwatch
+from .meters import LossMeter, Position, Stopwatch, steady_step_seconds
 from .preempt import StopFlags
 from .profiling import StepProfiler, log_to_wandb
 from .progress import ProgressDisplay
@@ -80,7 +81,7 @@ class Trainer:
         self.world = accelerator.num_processes
         self.position = Position()
         self.losses = LossMeter(accelerator.device)
-        self.clock = Stopwatch(self.position)
+        self.clock = Stopwatch(self.position, accelerator.device)
         self.display = ProgressDisplay(accelerator.is_main_process, parts.global_batch)
         self._calls = step_calls(self.optimizer, accelerator)
         self._params = list(self.model.parameters())  # every one gets a gradient
@@ -208,6 +209,7 @@ class Trainer:
             self._at("compute")
             self.profiler.before_step(p.step + 1)
             self.losses.add(self.train_step(images, labels, indices))
+            self.clock.step_done()
             p.step += 1
             self.profiler.after_step(p.step)
             p.batch += 1
@@ -308,6 +310,10 @@ class Trainer:
             "eval_split": split,
             "world_size": self.world,
             "train_seconds": p.train_seconds,
+            # the warm-up (each start's first steps: start-up, compilation) and the steady step time after it
+            "warmup_steps": p.warmup_steps,
+            "warmup_seconds": p.warmup_seconds,
+            "steady_step_seconds": steady_step_seconds(p),
             "eval_seconds": self.eval_seconds,  # the last evaluation of the whole evaluation set
             "epochs": round(p.epoch + p.batch / len(self.parts.train_loader), 4),  # a step limit: a fraction
             "steps": p.step,
@@ -315,6 +321,7 @@ class Trainer:
             "per_process_batch_size": self.parts.per_process,
             "lr": self.parts.lr,
             "device": self.accelerator.device.type,
+            "compiled": is_compiled_module(self.model),  # False where --compile fell back to eager
         }
 
     def _attach_profiles(self) -> None:
@@ -339,6 +346,14 @@ class Trainer:
             self.profiler.close()  # a window still open: its trace is written now
         self._attach_profiles()
         metrics = self.metrics(result)
+        if metrics["steady_step_seconds"] is not None:
+            log.info(
+                "%.1f s training: warm-up %.2f s over %d steps (each start's first), then %.3f ms per step",
+                metrics["train_seconds"],
+                metrics["warmup_seconds"],
+                metrics["warmup_steps"],
+                1000 * metrics["steady_step_seconds"],
+            )
         eval_set = self.parts.eval_set
         trained = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         final = self.recipe.inference_model(trained, self.accelerator)

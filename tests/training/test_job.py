@@ -30,6 +30,10 @@ def test_short_run_writes_the_run_directory(tmp_path, data_dir):
         assert key in metrics
     assert (metrics["steps"], metrics["epochs"], metrics["world_size"], metrics["test_total"]) == (50, 0.0533, 1, 10000)
     assert metrics["test_accuracy"] > 0.7
+    # The warm-up (the first steps: start-up, compilation) apart from the steady time per step.
+    assert metrics["warmup_steps"] == 10 and 0 < metrics["warmup_seconds"] < metrics["train_seconds"]
+    steady = (metrics["train_seconds"] - metrics["warmup_seconds"]) / (50 - 10)
+    assert metrics["steady_step_seconds"] == pytest.approx(steady)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["max_steps"] == 50 and saved["hidden_sizes"] == [64] and saved["lr"] == 0.5
     weights = load_weights(out / "model.safetensors")

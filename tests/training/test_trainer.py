@@ -87,6 +87,21 @@ def test_compiled_model_saves_plain_weights(tmp_path, data_dir):
         "layers.1.weight",
         "layers.1.bias",
     }
+    assert read_metrics(out / "metrics.json")["compiled"] is True
+    assert "without torch.compile" not in proc.stderr
+
+
+def test_compile_without_a_compiler_trains_eagerly_saying_so_once(tmp_path, data_dir):
+    """No C++ compiler for inductor's CPU kernels (CXX names one that does not exist): one line, then eager."""
+    out = tmp_path / "no-compiler"
+    args = ["mnist_dist.train", "--config", "configs/train/reference.yaml", "--cpu", "--data-dir", str(data_dir)]
+    args += ["--output-dir", str(out), "--max-steps", "20", "--tracker", "none", "--compile", "default"]
+    proc = run_cli(args, processes=2, env={"CXX": "/nonexistent/g++"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "without torch.compile" in line]
+    assert len(said) == 1 and "/nonexistent/g++" in said[0] and "set CXX" in said[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert read_metrics(out / "metrics.json")["compiled"] is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture (compile reduce-overhead) needs a GPU")
