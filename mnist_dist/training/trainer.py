@@ -32,19 +32,20 @@ from .preempt import StopFlags
 from .profiling import StepProfiler, log_to_wandb
 from .progress import ProgressDisplay
 from .step import FiniteCheck, check_gradients, step_calls
+from .system import SystemReadings, per_node
 from .timing import RankTiming, Stragglers
 
 log = logging.getLogger("mnist_dist")
 
 
-def _stragglers(accelerator) -> Stragglers | None:
-    """The main process's straggler watch over every rank's timing (several processes; one gather of host names)."""
+def _hosts(accelerator) -> list[str] | None:
+    """Every rank's host name, on the main process (several processes; one gather), else None."""
     if accelerator.num_processes == 1:
         return None
     from accelerate.utils import gather_object
 
     hosts = gather_object([socket.gethostname()])
-    return Stragglers(hosts) if accelerator.is_main_process else None
+    return hosts if accelerator.is_main_process else None
 
 
 def _probabilities_of(model: torch.nn.Module, device: torch.device):
@@ -88,7 +89,11 @@ class Trainer:
         self.finite = FiniteCheck(cfg, accelerator.device)
         self.timing = RankTiming(accelerator.process_index, self.world)
         self.timing.time_gradient_allreduce(self.model, accelerator.device.type)
-        self.stragglers = _stragglers(accelerator)
+        # Several processes: every rank's timing and system readings travel in the log interval's all-reduce.
+        several = self.world > 1
+        self.readings = SystemReadings(accelerator.process_index, self.world, accelerator.device) if several else None
+        self.hosts = _hosts(accelerator)
+        self.stragglers = None if self.hosts is None else Stragglers(self.hosts)
         window = parse_steps(cfg.profile_steps)
         self.profiler = StepProfiler(checkpoints.run_dir, window, accelerator.process_index, accelerator.device.type)
         self.eval_seconds = 0.0
@@ -171,13 +176,17 @@ class Trainer:
         the ranks agreed to stop."""
         p = self.position
         self.finite.verify(p.step, p.epoch)
-        mean, signum, split = self._reduce_loss_and_vote(self.losses.interval_mean(), self.timing.take())
+        timing = self.timing.take()
+        ranks = timing + (self.readings.take() if self.readings else [])
+        mean, signum, summed = self._reduce_loss_and_vote(self.losses.interval_mean(), ranks)
         rate = self.display.interval(p.step, mean, self.losses.interval_steps)
         metrics = {"train/loss": mean, "lr": self.optimizer.param_groups[0]["lr"], "train/samples_per_second": rate}
         per_rank = {}
-        if self.stragglers is not None:
-            timing, per_rank = self.stragglers.interval(split, self.losses.interval_steps)
-            metrics.update(timing)
+        if self.hosts is not None:  # the main process of several
+            timed, per_rank = self.stragglers.interval(summed[: len(timing)], self.losses.interval_steps)
+            nodes, node_ranks = per_node(summed[len(timing) :], self.hosts)
+            metrics.update(timed | nodes)
+            per_rank.update(node_ranks)
         self.tracker.log_step(p.step, metrics, history_only=per_rank)
         self.losses.end_interval()
         # A stop agreed on at the very last step saves no time: the run ends as an unstopped one.

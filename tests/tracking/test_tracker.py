@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -173,6 +174,10 @@ def test_two_processes_make_one_wandb_run(tmp_path, data_dir):
     records = read_wandb_records(log_file)
     assert wandb_config(records)["world_size"] == 2
     assert [s for s, i in wandb_history(records) if "train/loss" in i] == [20, 40]
+    # Every node's system readings reach the one run (wandb's own system metrics are the main process's).
+    node = f"nodes/{socket.gethostname()}"
+    logged = [i for _, i in wandb_history(records) if "train/loss" in i]
+    assert all(0 <= i[f"{node}/cpu_percent"] <= 100 and i[f"{node}/rss_mb"] > 100 for i in logged), logged
 
 
 @pytest.mark.parametrize("installed", [False, True], ids=["not-installed", "import-fails"])

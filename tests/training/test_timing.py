@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,12 @@ def test_a_rank_slowed_down_is_named_and_every_ranks_split_is_in_the_history(dat
     assert "rank 1 (" in output and "is a straggler" in output, output[-3000:]
     steps = [r for r in history(tmp_path) if r["kind"] == "step"]
     assert all(len(r["ranks/compute_s"]) == 2 for r in steps)
+    # Every node's system readings (one node here, two ranks on it), in the same all-reduce.
+    node = f"nodes/{socket.gethostname()}"
+    assert all(0 <= r[f"{node}/cpu_percent"] <= 100 and 0 < r[f"{node}/memory_percent"] < 100 for r in steps)
+    assert all(len(r["ranks/rss_mb"]) == 2 and min(r["ranks/rss_mb"]) > 50 for r in steps)
+    assert all(r[f"{node}/rss_mb"] == pytest.approx(sum(r["ranks/rss_mb"]), rel=1e-6) for r in steps)
+    assert max(r[f"{node}/cpu_percent"] for r in steps) > 50  # both cores busy: the ranks and the busy loops
     assert sum(r["timing/slowest_rank"] == 1 for r in steps) > len(steps) // 2
     print("slowest/others per interval:", [round(r["timing/slowest_over_others"], 2) for r in steps])
 
