@@ -84,3 +84,13 @@ def test_each_start_warms_up_again_and_a_short_run_is_all_warm_up(monkeypatch):
 
 def _timed(position: Position) -> dict:
     return {k: getattr(position, k) for k in ("train_seconds", "warmup_steps", "warmup_seconds")}
+
+
+def test_synchronize_waits_for_the_device_it_is_given(monkeypatch):
+    from mnist_dist.training.meters import synchronize
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)  # a GPU's queue: mocked
+    synchronize(torch.device("cpu"))  # nothing queued on the CPU: nothing to wait for
+    synchronize(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]

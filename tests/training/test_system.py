@@ -39,3 +39,11 @@ def test_the_main_process_reports_each_node_once_and_each_rank_in_the_history():
     with_gpus = [v if not math.isnan(v) else 512.0 for v in summed]
     scalars, per_rank = per_node(with_gpus, hosts)
     assert scalars["nodes/node-a/device_memory_mb"] == 1024.0 and per_rank["ranks/device_memory_mb"] == [512.0] * 3
+
+
+def test_on_a_gpu_a_rank_reports_the_memory_its_tensors_hold(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: asked.append(device) or 3 * 2**20)  # mocked GPU
+    device = torch.device("cuda", 0)
+    *_, device_mb = SystemReadings(rank=0, world=1, device=device).take()
+    assert device_mb == 3.0 and asked == [device]
