@@ -207,7 +207,8 @@ def test_a_killed_rank_is_named_in_one_line_within_seconds(data_dir, tmp_path):
 def test_a_long_healthy_evaluation_does_not_trip_the_watchdog(data_dir, tmp_path):
     """10,000 test images one by one through a wider MLP take longer than the stall timeout: progress is
     marked per batch."""
-    slow = ("--max-steps", "20", "--stall-timeout", "2", "--eval-batch-size", "1", "--hidden-sizes", "1536,1536")
+    # About 8 s of evaluation here (4 s with 1536,1536, which a faster moment of the machine once took in 2.6 s).
+    slow = ("--max-steps", "20", "--stall-timeout", "2", "--eval-batch-size", "1", "--hidden-sizes", "2048,2048")
     proc = run_cli(train_args(data_dir, tmp_path, *slow), processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_metrics(tmp_path / "metrics.json")["eval_seconds"] > 2 * 1.5  # longer than the stall timeout
