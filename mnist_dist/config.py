@@ -571,13 +571,23 @@ def global_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.batch_size * world_size if cfg.batch_mode == "per_device" else cfg.batch_size
 
 
+def _on_resume(*kinds: str) -> frozenset[str]:
+    return frozenset(name for name, f in FIELDS.items() if f.metadata.get("on_resume") in kinds)
+
+
+def run_keys() -> frozenset[str]:
+    """Keys that say where and how a run runs, not what it trains: where files go, what is
+    logged and tracked, how often to checkpoint, how evaluation is batched, timeouts
+    (``on_resume: free``). Every other key is part of the training recipe."""
+    return _on_resume("free")
+
+
 def free_on_resume(cfg: Config) -> frozenset[str]:
-    """Keys a run resumed with ``cfg`` may change: where files go, what is logged, how often to
-    checkpoint, how evaluation is batched (``on_resume: free``); and, with a constant learning
+    """Keys a run resumed with ``cfg`` may change: ``run_keys()``; and, with a constant learning
     rate, its length (``on_resume: length``), which then changes no step already taken. Every
     other key changes the training mathematics."""
-    kinds = {"free", "length"} if cfg.lr_schedule == "constant" and cfg.warmup_fraction == 0 else {"free"}
-    return frozenset(name for name, f in FIELDS.items() if f.metadata.get("on_resume") in kinds)
+    constant = cfg.lr_schedule == "constant" and cfg.warmup_fraction == 0
+    return _on_resume("free", "length") if constant else run_keys()
 
 
 def effective_lr(cfg: Config, world_size: int) -> float:

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..config import run_keys
 from ..runs import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, WEIGHTS_FILE
 from .history import one_timeline, read_history
 
@@ -25,35 +26,13 @@ log = logging.getLogger("mnist_dist")
 
 ARTIFACT_TYPE = "model"
 ARTIFACT_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)
-# Config keys that say where and how a run ran (paths, timeouts, logging, checkpoints, tracking),
-# not what it trained: left out of the recipe. A new key is part of the recipe unless listed here.
-NOT_RECIPE = frozenset(
-    {
-        "data_dir",
-        "output_dir",
-        "resume",
-        "cpu",
-        "compile",
-        "eval_batch_size",
-        "check_finite",
-        "check_finite_each_step",
-        "log_every",
-        "profile_steps",
-        "collective_timeout",
-        "stall_timeout",
-        "rendezvous_timeout",
-        "checkpoint_every",
-        "checkpoint_every_epochs",
-        "keep_checkpoints",
-        "requeue",
-        "tracker",
-    }
-)
 
 
 def recipe(config: dict[str, Any]) -> dict[str, Any]:
-    """The training keys of a config (as ``Config.to_dict`` gives it): what makes the weights what they are."""
-    return {k: v for k, v in config.items() if k not in NOT_RECIPE and not k.startswith("wandb_")}
+    """The training keys of a config (as ``Config.to_dict`` gives it): what makes the weights what they
+    are, every key but those that say where and how the run ran (``config.run_keys``)."""
+    left_out = run_keys()
+    return {k: v for k, v in config.items() if k not in left_out}
 
 
 def model_metadata(metrics: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_dist.config import build_config
+from mnist_dist.config import build_config, run_keys
 from mnist_dist.tracking.artifacts import aliases, already_logged, recipe
 
 from conftest import history, read_metrics, run_cli
@@ -37,6 +37,8 @@ def test_the_recipe_is_what_trains_the_weights():
     assert {"lr", "momentum", "weight_decay", "label_smoothing", "augment_rotate", "hidden_sizes", "seed"} <= set(kept)
     assert kept["lr"] == 0.2 and kept["hidden_sizes"] == [256]
     assert not {"output_dir", "data_dir", "resume", "cpu", "log_every", "tracker", "wandb_tags"} & set(kept)
+    # What a resume may change is what the recipe leaves out: one rule, from the config's fields.
+    assert set(config) - set(kept) == run_keys() and {"compile", "mixed_precision"} <= set(kept)
 
 
 @pytest.mark.parametrize(
