@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import platform
 import shutil
 import sysconfig
 from datetime import timedelta
@@ -116,9 +118,6 @@ def end_process_group(accelerator) -> None:
 def versions() -> dict[str, str]:
     """Python and the packages a run depends on ("not installed" when missing): in a run's config
     (the tracker's) and checked to agree on every rank (the preflight's)."""
-    import importlib.metadata
-    import platform
-
     out = {"python": platform.python_version()}
     for dist in ("torch", "accelerate", "wandb", "mnist-dist"):
         try:

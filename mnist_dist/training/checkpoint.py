@@ -26,11 +26,16 @@ import errno
 import json
 import logging
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import load
 
 from ..errors import CheckpointError
 from ..runs import STATE_FILE, checkpoints_dir, file_mode, sha256_file
@@ -206,12 +211,6 @@ def _load_rng_of(path: Path, rank: int) -> None:
     seed and epoch), so any rank's state serves; CUDA states are left as they are, since the
     device count may differ.
     """
-    import random
-
-    import numpy as np
-    import torch
-    from accelerate.utils import load
-
     states = load(path / f"random_states_{rank}.pkl")
     random.setstate(states["random_state"])
     np.random.set_state(states["numpy_random_seed"])

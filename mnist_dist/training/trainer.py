@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_compiled_module
+from accelerate.utils import gather_object, is_compiled_module
 
 from ..config import parse_steps
 from ..data.loaders import shard_sampler, to_inputs
@@ -42,8 +42,6 @@ def _hosts(accelerator) -> list[str] | None:
     """Every rank's host name, on the main process (several processes; one gather), else None."""
     if accelerator.num_processes == 1:
         return None
-    from accelerate.utils import gather_object
-
     hosts = gather_object([socket.gethostname()])
     return hosts if accelerator.is_main_process else None
 
